@@ -1,0 +1,849 @@
+"""The user-facing Cell2location class: set-up, training generator, posterior export, save/load.
+
+Mirrors cell2location 0.1.5's ``cell2location.models.Cell2location`` API (``setup_anndata``,
+``train``, ``export_posterior``, ``posterior_quantile``, ``sample_posterior``, ``plot_QC``,
+``save``/``load``) without scvi-tools. Training is a generator, :meth:`Cell2location.iter_train`,
+yielding one :class:`TrainStep` per optimisation step, so a GUI can show progress and cancel
+between steps; :meth:`Cell2location.train` simply consumes it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import time
+from datetime import date
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
+from scipy import sparse
+
+from ..io._validate import MIN_SHARED_GENES, InputError, prepare_inputs
+from ._modules import (
+    LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
+    LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel,
+    LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
+)
+from ._posterior import GuideSummary, parse_quantile, summary_value
+
+logger = logging.getLogger(__name__)
+
+SETUP_KEY = "napari_cell2location_setup"
+_MODEL_CLASSES = {
+    cls.__name__: cls
+    for cls in (
+        LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
+        LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
+        LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel,
+    )
+}
+_DEFAULT_SUMMARIES = ("means", "stds", "q05", "q95")
+
+
+class TrainStep(NamedTuple):
+    """Progress record yielded by :meth:`Cell2location.iter_train` after each optimisation step."""
+
+    step: int  #: steps done so far in this call (1-based)
+    total: int  #: steps this call will run
+    loss: float  #: loss (negative ELBO, times ``scale_elbo``) of this step
+    epoch: int  #: epoch of this step (0-based)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cpu'; 'cuda' / 'cuda:n' (checked).
+
+    Parameters
+    ----------
+    device : str or torch.device
+        Requested device.
+
+    Returns
+    -------
+    torch.device
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unsupported device {str(device)!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} was requested but CUDA is not available here; use 'cpu' or 'auto'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) present.")
+    elif dev.type != "cpu":
+        raise InputError(f"unsupported device {str(device)!r}; use 'auto', 'cpu' or 'cuda[:n]'.")
+    return dev
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _to_numpy(t):
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def _json_ready(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+class Cell2location:
+    """Cell2location: estimate the absolute abundance of reference cell types in each spot.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Spatial counts (n_obs spots, n_vars genes), registered with :meth:`setup_anndata`
+        (if not, its defaults are used: ``adata.X``, one batch).
+    cell_state_df : pandas.DataFrame
+        Reference signatures, (n_genes, n_factors): expression of each gene in each cell type.
+        Genes are matched to ``adata.var_names`` by name; only shared genes are used.
+    model_class : type, optional
+        One of the three Pyro modules; default the main model
+        (:class:`LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel`).
+    detection_mean_per_sample : bool
+        Compute the detection-efficiency prior mean per batch instead of globally.
+    detection_mean_correction : float
+        Multiplier of the data-derived detection mean.
+    **model_kwargs
+        Passed to the module, e.g. ``N_cells_per_location`` (a scalar or a per-spot array) and
+        ``detection_alpha``.
+
+    Attributes
+    ----------
+    module : pyro.nn.PyroModule
+        The model.
+    guide : pyro.infer.autoguide.AutoNormal
+        Its variational posterior (parameters owned by this object, not Pyro's global store).
+    history_ : dict
+        ``{'elbo_train': DataFrame}`` loss per epoch.
+    samples : dict
+        Posterior summaries after :meth:`export_posterior` (``post_sample_means`` ...).
+    """
+
+    def __init__(
+        self,
+        adata,
+        cell_state_df: pd.DataFrame,
+        model_class=None,
+        detection_mean_per_sample: bool = False,
+        detection_mean_correction: float = 1.0,
+        **model_kwargs,
+    ):
+        if model_class is None:
+            model_class = LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel
+        elif isinstance(model_class, str):
+            if model_class not in _MODEL_CLASSES:
+                raise InputError(f"unknown model_class {model_class!r}; choose one of {list(_MODEL_CLASSES)}")
+            model_class = _MODEL_CLASSES[model_class]
+        min_shared_genes = int(model_kwargs.pop("min_shared_genes", MIN_SHARED_GENES))
+        sig = inspect.signature(model_class.__init__)
+        unknown = [k for k in model_kwargs if k not in sig.parameters]
+        if unknown:
+            raise InputError(f"unknown model arguments {unknown} for {model_class.__name__}")
+        setup = dict(adata.uns.get(SETUP_KEY, {})) if hasattr(adata, "uns") else {}
+        self.layer = setup.get("layer")
+        self.batch_key = setup.get("batch_key")
+        prep = prepare_inputs(
+            adata, cell_state_df, layer=self.layer, batch_key=self.batch_key, min_shared_genes=min_shared_genes
+        )
+        self.adata = adata
+        self.X = prep.X
+        self.obs_names = prep.obs_names
+        self.var_names = prep.var_names
+        self.factor_names_ = list(prep.factor_names)
+        self.batch_index = prep.batch_index
+        self.batch_names = prep.batch_names
+        self.input_report = prep.report
+        self.cell_state_df = pd.DataFrame(prep.cell_state, index=prep.var_names, columns=prep.factor_names)
+        self.n_obs, self.n_vars = int(prep.X.shape[0]), int(prep.X.shape[1])
+        self.n_factors, self.n_batch = len(self.factor_names_), len(self.batch_names)
+
+        default_n = sig.parameters["N_cells_per_location"].default
+        n_cells = model_kwargs.get("N_cells_per_location", default_n)
+        n_cells = np.asarray(n_cells, dtype=np.float64)
+        if n_cells.ndim == 1 and n_cells.shape[0] != self.n_obs:
+            raise InputError(f"N_cells_per_location has {n_cells.shape[0]} values but the data has {self.n_obs} spots")
+        if not np.all(np.isfinite(n_cells)) or np.any(n_cells <= 0):
+            raise InputError("N_cells_per_location must be positive and finite")
+        if "detection_mean" not in model_kwargs:
+            model_kwargs["detection_mean"] = self._detection_mean(
+                n_cells, detection_mean_per_sample, float(detection_mean_correction)
+            )
+        self.model_class = model_class
+        self.model_kwargs = dict(model_kwargs)
+        self.detection_mean_per_sample = bool(detection_mean_per_sample)
+        self.detection_mean_correction = float(detection_mean_correction)
+        # modules built under module_local_params own their parameters (no global param store)
+        with pyro.settings.context(module_local_params=True):
+            self.module = model_class(
+                n_obs=self.n_obs,
+                n_vars=self.n_vars,
+                n_factors=self.n_factors,
+                n_batch=self.n_batch,
+                cell_state_mat=prep.cell_state,
+                **model_kwargs,
+            )
+            self.guide = self._make_guide()
+        self.device = torch.device("cpu")
+        self.history_ = {"elbo_train": pd.DataFrame({"elbo_train": pd.Series(dtype=float)})}
+        self.is_trained_ = False
+        self.samples: dict = {}
+        self._summary = None
+        logger.info(
+            "Cell2location: %d spots x %d genes, %d cell types, %d batch(es), model %s",
+            self.n_obs, self.n_vars, self.n_factors, self.n_batch, model_class.__name__,
+        )
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: list | None = None,
+        continuous_covariate_keys: list | None = None,
+        **kwargs,
+    ):
+        """Register which fields of ``adata`` the model reads.
+
+        Only ``adata.uns['napari_cell2location_setup']`` is written; the data are not modified.
+
+        Parameters
+        ----------
+        adata : anndata.AnnData
+            Spatial counts.
+        layer : str, optional
+            Key in ``adata.layers`` with raw counts (default ``adata.X``).
+        batch_key : str, optional
+            Column of ``adata.obs`` with the batch (sample / section) of each spot.
+        labels_key : str, optional
+            Column of ``adata.obs`` with labels (accepted for API compatibility; unused by the model).
+        categorical_covariate_keys, continuous_covariate_keys : list of str, optional
+            Columns of ``adata.obs`` (accepted for API compatibility; unused by the spatial model).
+        """
+        if kwargs:
+            raise TypeError(f"setup_anndata() got unexpected arguments {sorted(kwargs)}")
+        if layer is not None and layer not in adata.layers:
+            raise InputError(f"layer {layer!r} is not in adata.layers; layers present: {list(adata.layers.keys())}")
+        keys = [batch_key, labels_key, *(categorical_covariate_keys or []), *(continuous_covariate_keys or [])]
+        for key in keys:
+            if key is not None and key not in adata.obs.columns:
+                raise InputError(f"{key!r} is not a column of adata.obs; columns present: {list(adata.obs.columns)}")
+        setup = {
+            "layer": layer,
+            "batch_key": batch_key,
+            "labels_key": labels_key,
+            "categorical_covariate_keys": list(categorical_covariate_keys or []),
+            "continuous_covariate_keys": list(continuous_covariate_keys or []),
+        }
+        adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None and v != []}
+
+    def _detection_mean(self, n_cells: np.ndarray, per_sample: bool, correction: float):
+        """Prior mean of detection efficiency from the data, with the N actually in force (ours)."""
+        totals = np.asarray(self.X.sum(axis=1)).ravel()
+        per_cell = totals / n_cells if n_cells.ndim == 1 else totals / float(n_cells)
+        sig_total = float(self.cell_state_df.sum(axis=0).mean())
+        if per_sample:
+            means = np.array([per_cell[self.batch_index == e].mean() for e in range(self.n_batch)])
+            value = means / sig_total * correction
+        else:
+            value = float(per_cell.mean() / sig_total * correction)
+        if not np.all(np.isfinite(value)) or np.any(np.asarray(value) <= 0):
+            raise InputError(f"the data give a degenerate detection_mean ({value}); check the counts and signatures")
+        return value
+
+    def _make_guide(self):
+        init_vals = getattr(self.module, "init_vals", None) or {}
+        base = init_to_mean(fallback=init_to_feasible)
+
+        def init_loc_fn(site):
+            if site["name"] in init_vals:
+                return torch.as_tensor(np.asarray(init_vals[site["name"]]), dtype=torch.float32).to(
+                    self.module.cell_state.device
+                )
+            return base(site)
+
+        return AutoNormal(self.module, init_loc_fn=init_loc_fn, init_scale=0.1, create_plates=self.module.create_plates)
+
+    # ------------------------------------------------------------------ data on the device
+    def _full_args(self, device):
+        x = self.X.toarray() if sparse.issparse(self.X) else self.X
+        x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+        idx = torch.arange(self.n_obs, device=device)
+        batch = torch.as_tensor(self.batch_index, device=device)
+        return x, idx, batch
+
+    def _batch_args(self, ind: np.ndarray, device):
+        x = self.X[ind]
+        x = x.toarray() if sparse.issparse(x) else x
+        x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+        return x, torch.as_tensor(ind, device=device), torch.as_tensor(self.batch_index[ind], device=device)
+
+    def _ensure_guide(self, device):
+        """Move model and guide to ``device`` and set the guide up (no optimisation step)."""
+        self.module.to(device)
+        with pyro.settings.context(module_local_params=True):
+            if self.guide.prototype_trace is None:
+                idx = torch.arange(self.n_obs, device=device)
+                batch = torch.as_tensor(self.batch_index, device=device)
+                self.module.skip_likelihood = True
+                try:
+                    self.guide._setup_prototype(None, idx, batch)
+                finally:
+                    self.module.skip_likelihood = False
+            self.guide.to(device)
+        self.device = device
+        self._summary = None
+
+    # ------------------------------------------------------------------ training
+    def iter_train(
+        self,
+        max_epochs: int = 30000,
+        batch_size: int | None = None,
+        train_size: float = 1,
+        lr: float = 0.002,
+        num_particles: int = 1,
+        scale_elbo: float = 1.0,
+        device: str = "auto",
+        seed: int | None = None,
+    ):
+        """Train, yielding a :class:`TrainStep` after every optimisation step.
+
+        Closing the generator (e.g. a GUI's cancel) stops training between steps; the
+        parameters and ``history_`` keep what was done so far.
+
+        Parameters
+        ----------
+        max_epochs : int
+            Passes through the data (one step per epoch when ``batch_size`` is None).
+        batch_size : int, optional
+            Spots per minibatch; ``None`` trains on all data at once.
+        train_size : float
+            Must be 1: abundances are estimated at every spot.
+        lr : float
+            Adam learning rate.
+        num_particles : int
+            Particles of the ELBO estimate.
+        scale_elbo : float
+            Multiplier of the loss.
+        device : str
+            'auto' (CUDA when present), 'cpu', or 'cuda[:n]'.
+        seed : int, optional
+            Seed of torch's and Pyro's random number generators.
+
+        Yields
+        ------
+        TrainStep
+        """
+        if train_size != 1:
+            raise InputError("train_size must be 1: cell2location estimates abundance at every spot")
+        if int(max_epochs) < 1:
+            raise InputError(f"max_epochs must be at least 1, got {max_epochs}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise InputError(f"batch_size must be a positive integer or None, got {batch_size}")
+        dev = resolve_device(device)
+        if seed is not None:
+            pyro.set_rng_seed(int(seed))
+        self._ensure_guide(dev)
+        logger.info("training on %s", _describe(dev))
+        full = batch_size is None or int(batch_size) >= self.n_obs
+        steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
+        total = int(max_epochs) * steps_per_epoch
+        elbo = Trace_ELBO(num_particles=int(num_particles))
+        optim = torch.optim.Adam(self.guide.parameters(), lr=float(lr))
+        args = self._full_args(dev) if full else None
+        rng = np.random.default_rng(seed)
+        epoch_losses: list[float] = []
+        start_epoch = len(self.history_["elbo_train"])
+        step = 0
+        self.module.train()
+        try:
+            for epoch in range(int(max_epochs)):
+                if full:
+                    batches = [args]
+                else:
+                    order = rng.permutation(self.n_obs)
+                    batches = (
+                        self._batch_args(np.sort(order[i : i + int(batch_size)]), dev)
+                        for i in range(0, self.n_obs, int(batch_size))
+                    )
+                epoch_losses = []
+                for batch_args in batches:
+                    with pyro.settings.context(module_local_params=True):
+                        loss = elbo.differentiable_loss(self.module, self.guide, *batch_args) * scale_elbo
+                    optim.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optim.step()
+                    value = float(loss.detach())
+                    step += 1
+                    if not math.isfinite(value):
+                        raise FloatingPointError(
+                            f"the loss became {value} at step {step}. Usual causes: normalised or non-integer "
+                            "counts, broken signatures, or too high a learning rate (lr={lr})."
+                        )
+                    epoch_losses.append(value)
+                    yield TrainStep(step, total, value, start_epoch + epoch)
+                self._append_history(float(np.mean(epoch_losses)))
+                epoch_losses = []
+        finally:
+            if epoch_losses:  # interrupted mid-epoch: record what was done
+                self._append_history(float(np.mean(epoch_losses)))
+            self.module.eval()
+            self.is_trained_ = self.is_trained_ or step > 0
+            self._summary = None
+
+    def _append_history(self, value: float):
+        df = self.history_["elbo_train"]
+        df.loc[len(df), "elbo_train"] = value
+
+    def train(
+        self,
+        max_epochs: int = 30000,
+        batch_size: int | None = None,
+        train_size: float = 1,
+        lr: float = 0.002,
+        num_particles: int = 1,
+        scale_elbo: float = 1.0,
+        progress_bar: bool = True,
+        **kwargs,
+    ):
+        """Train the model (see :meth:`iter_train` for the parameters).
+
+        Parameters
+        ----------
+        progress_bar : bool
+            Show a tqdm progress bar on stderr.
+        **kwargs
+            ``device`` ('auto' | 'cpu' | 'cuda[:n]') and ``seed``.
+        """
+        allowed = {"device", "seed"}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise TypeError(f"train() got unexpected arguments {sorted(unknown)}; accepted: {sorted(allowed)}")
+        gen = self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, scale_elbo, **kwargs)
+        bar = None
+        start = time.perf_counter()
+        try:
+            for rec in gen:
+                if progress_bar:
+                    if bar is None:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=rec.total, desc="training", unit="step")
+                    bar.update(1)
+                    if rec.step % 50 == 0 or rec.step == rec.total:
+                        bar.set_postfix(loss=f"{rec.loss:.4g}")
+        finally:
+            if bar is not None:
+                bar.close()
+        logger.info("trained in %.1f s", time.perf_counter() - start)
+        return self
+
+    # ------------------------------------------------------------------ posterior
+    def _guide_summary(self) -> GuideSummary:
+        if self.guide.prototype_trace is None:
+            raise RuntimeError("the model has not been trained yet: call train() first")
+        if self._summary is None:
+            obs = set(self.module.list_obs_plate_vars()["sites"])
+            self._summary = GuideSummary(self.guide, obs)
+        return self._summary
+
+    def _spot_batches(self, batch_size: int | None):
+        size = self.n_obs if batch_size is None else max(1, int(batch_size))
+        for i in range(0, self.n_obs, size):
+            yield torch.arange(i, min(i + size, self.n_obs), device=self.device)
+
+    def posterior_quantile(self, q: float = 0.5, batch_size: int | None = None, use_median: bool = False,
+                           exclude_vars: list | None = None) -> dict:
+        """Quantile ``q`` of every latent site, exactly from the guide (no sampling).
+
+        Parameters
+        ----------
+        q : float
+            Quantile in (0, 1).
+        batch_size : int, optional
+            Spots per batch for obs-plate sites (bounded memory).
+        use_median : bool
+            Same as ``q=0.5`` (API compatibility).
+        exclude_vars : list of str, optional
+            Sites to leave out.
+
+        Returns
+        -------
+        dict
+            site -> numpy array of the site's shape.
+        """
+        if use_median:
+            q = 0.5
+        if not 0 < float(q) < 1:
+            raise ValueError(f"q must be in (0, 1), got {q}")
+        summary = self._guide_summary()
+        out = {}
+        for name in summary.sites:
+            if exclude_vars and name in exclude_vars:
+                continue
+            if name in summary.obs_sites:
+                parts = [_to_numpy(summary.quantile(name, q, ind)) for ind in self._spot_batches(batch_size)]
+                out[name] = np.concatenate(parts, axis=0)
+            else:
+                out[name] = _to_numpy(summary.quantile(name, q))
+        return out
+
+    def _summaries_from_guide(self, names, batch_size=None) -> dict:
+        """Means, stds (quadrature) and quantiles (exact) of the latent sites, without sampling."""
+        summary = self._guide_summary()
+        out = {f"post_sample_{k}": {} for k in names}
+        for site in summary.sites:
+            inds = list(self._spot_batches(batch_size)) if site in summary.obs_sites else [None]
+            parts = {k: [] for k in names}
+            for ind in inds:
+                if "means" in names or "stds" in names:
+                    m, s = summary.moments(site, ind)
+                    if "means" in names:
+                        parts["means"].append(_to_numpy(m))
+                    if "stds" in names:
+                        parts["stds"].append(_to_numpy(s))
+                for k in names:
+                    q = parse_quantile(k)
+                    if q is not None:
+                        parts[k].append(_to_numpy(summary.quantile(site, q, ind)))
+                    elif k not in ("means", "stds"):
+                        raise ValueError(f"unknown posterior summary {k!r}")
+            for k in names:
+                out[f"post_sample_{k}"][site] = np.concatenate(parts[k], axis=0)
+        if "means" in names:  # mean of a product of independent factors = product of means
+            means = {k: torch.as_tensor(v, device=self.device)[None] for k, v in out["post_sample_means"].items()}
+            det = self.module.deterministic_sites(means)
+            out["post_sample_means"]["u_sf_mRNA_factors"] = _to_numpy(det["u_sf_mRNA_factors"][0])
+        return out
+
+    @torch.no_grad()
+    def sample_posterior(
+        self,
+        num_samples: int = 1000,
+        batch_size: int | None = None,
+        return_sites: list | None = None,
+        return_samples: bool = False,
+        summaries=_DEFAULT_SUMMARIES,
+    ) -> dict:
+        """Draw posterior samples and summarise them, spot batch by spot batch.
+
+        Parameters
+        ----------
+        num_samples : int
+            Draws per site.
+        batch_size : int, optional
+            Spots per batch (default: as many as keep one batch of draws under ~50 M values).
+        return_sites : list of str, optional
+            Sites to return (default all latent and deterministic sites).
+        return_samples : bool
+            Also return the raw draws under ``'posterior_samples'`` (memory: num_samples x site size).
+        summaries : sequence of str
+            Summaries to compute: 'means', 'stds', quantiles such as 'q05'.
+
+        Returns
+        -------
+        dict
+            ``post_sample_{summary}`` -> {site: numpy array}, and ``posterior_samples`` if asked.
+        """
+        summary = self._guide_summary()
+        num_samples = int(num_samples)
+        widths = [self.module.list_obs_plate_vars()["sites"].get(s, 1) for s in summary.obs_sites]
+        widest = max([*widths, self.n_factors])
+        if batch_size is None:
+            batch_size = max(1, min(self.n_obs, int(5e7 // (num_samples * widest))))
+        names = list(summary.sites) + ["u_sf_mRNA_factors", "detection_hyp_prior_alpha"]
+        wanted = set(return_sites) if return_sites else set(names)
+        globals_ = {s: summary.sample(s, num_samples) for s in summary.sites if s not in summary.obs_sites}
+        collected = {k: {} for k in summaries}
+        raw: dict = {}
+
+        def add(site, draws):
+            for k in summaries:
+                collected[k].setdefault(site, []).append(_to_numpy(summary_value(draws, k)))
+            if return_samples:
+                raw.setdefault(site, []).append(_to_numpy(draws))
+
+        for ind in self._spot_batches(batch_size):
+            local = {s: summary.sample(s, num_samples, ind) for s in summary.obs_sites}
+            det = self.module.deterministic_sites({**globals_, **local})
+            for site, draws in {**local, "u_sf_mRNA_factors": det["u_sf_mRNA_factors"]}.items():
+                if site in wanted:
+                    add(site, draws)
+        det_globals = {"detection_hyp_prior_alpha": det["detection_hyp_prior_alpha"]}
+        for site, draws in {**globals_, **det_globals}.items():
+            if site in wanted:
+                add(site, draws)
+        out = {
+            f"post_sample_{k}": {s: np.concatenate(v, axis=0) if len(v) > 1 else v[0] for s, v in d.items()}
+            for k, d in collected.items()
+        }
+        if return_samples:
+            out["posterior_samples"] = {
+                s: np.concatenate(v, axis=1) if len(v) > 1 else v[0] for s, v in raw.items()
+            }
+        return out
+
+    def export_posterior(
+        self,
+        adata,
+        sample_kwargs: dict | None = None,
+        export_slot: str = "mod",
+        add_to_obsm: list = ("means", "stds", "q05", "q95"),
+        use_quantiles: bool = False,
+    ):
+        """Summarise the posterior and write cell abundances into ``adata`` (cell2location's keys).
+
+        Writes ``adata.obsm['{k}_cell_abundance_w_sf']`` (DataFrames, columns
+        ``'{k}cell_abundance_w_sf_{cell_type}'``) for each k in ``add_to_obsm`` and
+        ``adata.uns[export_slot]`` (model name, date, factor/var/obs names, ``post_sample_{k}``
+        dicts of site -> array).
+
+        Parameters
+        ----------
+        adata : anndata.AnnData
+            Data with the same spots as the training data.
+        sample_kwargs : dict, optional
+            Arguments of :meth:`sample_posterior` (``num_samples``, ``batch_size``); with
+            ``use_quantiles=True`` only ``batch_size`` is used.
+        export_slot : str
+            Key of ``adata.uns`` to write.
+        add_to_obsm : sequence of str
+            Summaries to write: 'means', 'stds', 'q05', 'q50', 'q95', ...
+        use_quantiles : bool
+            Compute summaries from the guide directly (exact quantiles, quadrature means and
+            stds; fast, bounded memory) instead of from samples.
+
+        Returns
+        -------
+        anndata.AnnData
+            ``adata``, with the outputs added.
+        """
+        sample_kwargs = dict(sample_kwargs or {})
+        obs = pd.Index(adata.obs_names.astype(str))
+        if not obs.equals(self.obs_names):
+            if len(obs) == len(self.obs_names) and set(obs) == set(self.obs_names):
+                order = self.obs_names.get_indexer(obs)
+            else:
+                raise InputError(
+                    "adata does not hold the spots the model was trained on "
+                    f"({adata.n_obs} spots given, {self.n_obs} trained); export into the training AnnData."
+                )
+        else:
+            order = None
+        add_to_obsm = list(add_to_obsm)
+        for k in add_to_obsm:
+            if k not in ("means", "stds") and parse_quantile(k) is None:
+                raise InputError(f"unknown summary {k!r} in add_to_obsm; use 'means', 'stds', 'q05', 'q50', ...")
+        if use_quantiles:
+            names = list(dict.fromkeys(add_to_obsm))
+            self.samples = self._summaries_from_guide(names, batch_size=sample_kwargs.get("batch_size"))
+        else:
+            names = list(dict.fromkeys([*_DEFAULT_SUMMARIES, *add_to_obsm]))
+            self.samples = self.sample_posterior(summaries=names, **sample_kwargs)
+        for k in add_to_obsm:
+            values = self.samples[f"post_sample_{k}"]["w_sf"]
+            if order is not None:
+                values = values[order]
+            adata.obsm[f"{k}_cell_abundance_w_sf"] = pd.DataFrame(
+                values,
+                index=adata.obs_names,
+                columns=[f"{k}cell_abundance_w_sf_{f}" for f in self.factor_names_],
+            )
+        adata.uns[export_slot] = self._export2adata(names)
+        return adata
+
+    def _export2adata(self, names) -> dict:
+        out = {
+            "model_name": self.module.__class__.__name__,
+            "date": str(date.today()),
+            "factor_names": np.asarray(self.factor_names_, dtype=object),
+            "var_names": np.asarray(self.var_names, dtype=object),
+            "obs_names": np.asarray(self.obs_names, dtype=object),
+            "batch_names": np.asarray(self.batch_names, dtype=object),
+        }
+        for k in names:
+            out[f"post_sample_{k}"] = {s: np.asarray(v) for s, v in self.samples[f"post_sample_{k}"].items()}
+        return out
+
+    def compute_expected(self, samples: dict | None = None, ind_x=None, hide_ambient=False, hide_cell_type=False):
+        """Expected counts of each kept gene in each spot (see the module's ``compute_expected``)."""
+        samples = samples if samples is not None else self._means_for_qc()
+        return self.module.compute_expected(samples, self.batch_index, ind_x, hide_ambient, hide_cell_type)
+
+    def compute_expected_per_cell_type(self, samples: dict | None = None, ind_x=None):
+        """Observed counts split by cell type (see the module's ``compute_expected_per_cell_type``)."""
+        samples = samples if samples is not None else self._means_for_qc()
+        return self.module.compute_expected_per_cell_type(samples, self.batch_index, ind_x, x_data=self.X)
+
+    def _means_for_qc(self) -> dict:
+        if "post_sample_means" in self.samples:
+            return self.samples["post_sample_means"]
+        return self._summaries_from_guide(["means"])["post_sample_means"]
+
+    # ------------------------------------------------------------------ plots
+    def plot_history(self, iter_start: int = 0, iter_end: int = -1, ax=None):
+        """Plot the training loss; returns the matplotlib Axes."""
+        from ..plotting import plot_history
+
+        return plot_history(self.history_, iter_start=iter_start, iter_end=iter_end, ax=ax)
+
+    def plot_QC(self, summary_name: str = "means", use_n_obs: int = 1000, fig=None):
+        """Reconstruction QC: observed vs expected counts (2D histogram) and loss history.
+
+        Returns the matplotlib Figure.
+        """
+        from ..plotting import plot_history, plot_reconstruction
+
+        key = f"post_sample_{summary_name}"
+        samples = self.samples.get(key) or self._means_for_qc()
+        rng = np.random.default_rng(0)
+        ind = np.sort(rng.choice(self.n_obs, size=min(use_n_obs, self.n_obs), replace=False))
+        mu = self.compute_expected(samples, ind_x=ind)["mu"]
+        x = self.X[ind]
+        x = x.toarray() if sparse.issparse(x) else np.asarray(x)
+        if fig is None:
+            import matplotlib.pyplot as plt
+
+            fig = plt.figure(figsize=(10, 4))
+        ax1, ax2 = fig.subplots(1, 2)
+        plot_reconstruction(x, mu, ax=ax1)
+        plot_history(self.history_, ax=ax2)
+        fig.tight_layout()
+        return fig
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False):
+        """Save parameters, settings and history to ``dir_path`` (re-load with :meth:`load`).
+
+        Parameters
+        ----------
+        dir_path : str or path
+            Folder to write.
+        overwrite : bool
+            Replace an existing folder's model files.
+        save_anndata : bool
+            Also write the training AnnData as ``adata.h5ad``.
+        """
+        path = Path(dir_path)
+        if (path / "attr.json").exists() and not overwrite:
+            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
+        if self.guide.prototype_trace is None:
+            raise RuntimeError("nothing to save: the model has not been trained")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.guide.state_dict().items()}
+        torch.save({"guide": state}, path / "model_params.pt")
+        attrs = {
+            "model_class": self.model_class.__name__,
+            "model_kwargs": _json_ready(
+                {**self.model_kwargs, "detection_mean": _to_numpy(self.module.detection_mean).ravel()}
+            ),
+            "detection_mean_per_sample": self.detection_mean_per_sample,
+            "detection_mean_correction": self.detection_mean_correction,
+            "layer": self.layer,
+            "batch_key": self.batch_key,
+            "obs_names": list(self.obs_names),
+            "factor_names": self.factor_names_,
+            "history": self.history_["elbo_train"]["elbo_train"].astype(float).tolist(),
+        }
+        self.cell_state_df.to_csv(path / "cell_state_df.csv")
+        with open(path / "attr.json", "w") as fh:
+            json.dump(attrs, fh)
+        if save_anndata:
+            self.adata.write_h5ad(path / "adata.h5ad")
+        logger.info("saved model to %s", path)
+
+    @classmethod
+    def load(cls, dir_path, adata=None, device: str = "cpu"):
+        """Load a model saved with :meth:`save`; no training step is run.
+
+        Parameters
+        ----------
+        dir_path : str or path
+            Folder written by :meth:`save`.
+        adata : anndata.AnnData, optional
+            The spatial data (same spots and genes); default ``adata.h5ad`` in the folder.
+        device : str
+            Where to put the parameters.
+
+        Returns
+        -------
+        Cell2location
+        """
+        path = Path(dir_path)
+        if not (path / "attr.json").exists():
+            raise FileNotFoundError(f"{path} does not hold a saved Cell2location model (no attr.json)")
+        with open(path / "attr.json") as fh:
+            attrs = json.load(fh)
+        if adata is None:
+            if not (path / "adata.h5ad").exists():
+                raise InputError(f"pass adata: {path} has no saved AnnData")
+            import anndata
+
+            adata = anndata.read_h5ad(path / "adata.h5ad")
+        saved_obs = pd.Index(attrs["obs_names"])
+        if not pd.Index(adata.obs_names.astype(str)).equals(saved_obs):
+            raise InputError("adata's spots differ from those the model was trained on")
+        cell_state_df = pd.read_csv(path / "cell_state_df.csv", index_col=0)
+        cell_state_df.index = cell_state_df.index.astype(str)
+        kwargs = dict(attrs["model_kwargs"])
+        if isinstance(kwargs.get("N_cells_per_location"), list):
+            kwargs["N_cells_per_location"] = np.asarray(kwargs["N_cells_per_location"])
+        if isinstance(kwargs.get("detection_mean"), list):
+            kwargs["detection_mean"] = np.asarray(kwargs["detection_mean"])
+        had_setup = SETUP_KEY in adata.uns
+        old_setup = adata.uns.get(SETUP_KEY)
+        adata.uns[SETUP_KEY] = {k: attrs[k] for k in ("layer", "batch_key") if attrs.get(k) is not None}
+        try:
+            obj = cls(
+                adata,
+                cell_state_df,
+                model_class=_MODEL_CLASSES[attrs["model_class"]],
+                detection_mean_per_sample=attrs["detection_mean_per_sample"],
+                detection_mean_correction=attrs["detection_mean_correction"],
+                **kwargs,
+            )
+        finally:
+            if had_setup:
+                adata.uns[SETUP_KEY] = old_setup
+            else:
+                del adata.uns[SETUP_KEY]
+        if list(obj.var_names) != list(cell_state_df.index):
+            raise InputError("adata's genes do not match the saved model's genes")
+        obj._ensure_guide(resolve_device(device))
+        state = torch.load(path / "model_params.pt", map_location=obj.device, weights_only=True)
+        obj.guide.load_state_dict(state["guide"])
+        obj.history_["elbo_train"] = pd.DataFrame({"elbo_train": np.asarray(attrs["history"], dtype=float)})
+        obj.is_trained_ = True
+        return obj
+
+    def __repr__(self) -> str:
+        return (
+            f"Cell2location({self.module.__class__.__name__}, n_obs={self.n_obs}, n_vars={self.n_vars}, "
+            f"n_factors={self.n_factors}, n_batch={self.n_batch}, trained={self.is_trained_})"
+        )
+

@@ -1,0 +1,579 @@
+"""The Cell2location Pyro modules (``spec/MODEL.md`` §1-2).
+
+Site names, shapes, priors and defaults are the original cell2location 0.1.5's, so exported
+posterior dictionaries line up. Gamma(a, b) is shape a, rate b. S spots (``n_obs``), G genes
+(``n_vars``), F cell types (``n_factors``), R groups (``n_groups``), E batches (``n_batch``).
+The observation plate is at dim -2 and supports subsampling (``idx``) for minibatches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from ._likelihood import CountsPattern, NegativeBinomialCounts
+
+_M_G_PRIOR = {"alpha_mean": 3.0, "mean": 1.0, "mean_var_ratio": 1.0}
+_ALPHA_G_PHI_HYP = {"alpha": 9.0, "beta": 3.0}
+_GENE_ADD_ALPHA_HYP = {"alpha": 9.0, "beta": 3.0}
+_GENE_ADD_MEAN_HYP = {"alpha": 1.0, "beta": 100.0}
+_DETECTION_HYP = {"mean_alpha": 10.0}
+
+
+def _as_column(value, n: int, name: str) -> torch.Tensor:
+    """A scalar or length-n value as an (n, 1) float32 tensor."""
+    arr = np.asarray(value, dtype=np.float32)
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr), dtype=np.float32)
+    arr = arr.reshape(-1)
+    if arr.shape[0] != n:
+        raise ValueError(f"{name} must be a scalar or have {n} values, got {arr.shape[0]}")
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{name} must be positive and finite, got values in [{arr.min()}, {arr.max()}]")
+    return torch.from_numpy(arr.reshape(n, 1).copy())
+
+
+class _LocationModelBase(PyroModule):
+    """Shared parts: detection efficiency, additive background, overdispersion, likelihood.
+
+    Parameters
+    ----------
+    n_obs, n_vars, n_factors, n_batch : int
+        S, G, F, E.
+    cell_state_mat : numpy.ndarray
+        (n_vars, n_factors) reference signatures g_fg (transposed inside).
+    detection_mean : float or array
+        Prior mean of the per-batch detection efficiency y_e (scalar or (n_batch,)).
+    detection_alpha : float or array
+        Shape of y_s | y_e (scalar or (n_batch,)); larger = less spot-to-spot variation.
+    N_cells_per_location : float or array
+        Prior mean of cells per spot: scalar, or (n_obs,) per-spot prior (ours).
+    """
+
+    def __init__(
+        self,
+        n_obs,
+        n_vars,
+        n_factors,
+        n_batch,
+        cell_state_mat,
+        detection_mean=0.5,
+        detection_alpha=20.0,
+        N_cells_per_location=8.0,
+        A_factors_per_location=7.0,
+        N_cells_mean_var_ratio=1.0,
+        alpha_g_phi_hyp_prior=None,
+        gene_add_alpha_hyp_prior=None,
+        gene_add_mean_hyp_prior=None,
+        detection_hyp_prior=None,
+        w_sf_mean_var_ratio=5.0,
+    ):
+        super().__init__()
+        self.n_obs, self.n_vars, self.n_factors, self.n_batch = int(n_obs), int(n_vars), int(n_factors), int(n_batch)
+        cell_state_mat = np.asarray(cell_state_mat, dtype=np.float32)
+        if cell_state_mat.shape != (self.n_vars, self.n_factors):
+            raise ValueError(f"cell_state_mat must be (n_vars, n_factors) = {(n_vars, n_factors)}, "
+                             f"got {cell_state_mat.shape}")
+        self.alpha_g_phi_hyp_prior = dict(alpha_g_phi_hyp_prior or _ALPHA_G_PHI_HYP)
+        self.gene_add_alpha_hyp_prior = dict(gene_add_alpha_hyp_prior or _GENE_ADD_ALPHA_HYP)
+        self.gene_add_mean_hyp_prior = dict(gene_add_mean_hyp_prior or _GENE_ADD_MEAN_HYP)
+        self.detection_hyp_prior = dict(detection_hyp_prior or _DETECTION_HYP)
+        self.w_sf_mean_var_ratio = float(w_sf_mean_var_ratio)
+        self.N_cells_mean_var_ratio = float(N_cells_mean_var_ratio)
+        self.A_factors_per_location = float(A_factors_per_location)
+
+        self.register_buffer("cell_state", torch.from_numpy(cell_state_mat.T.copy()))  # (F, G)
+        self.register_buffer("N_cells_per_location", _as_column(N_cells_per_location, self.n_obs, "N_cells_per_location"))
+        self.register_buffer("detection_mean", _as_column(detection_mean, self.n_batch, "detection_mean"))
+        self.register_buffer("detection_alpha", _as_column(detection_alpha, self.n_batch, "detection_alpha"))
+        self._pattern_key = None
+        self._pattern = None
+        #: when True, forward() leaves out the likelihood (used to set up the guide without data)
+        self.skip_likelihood = False
+
+    # ------------------------------------------------------------------ helpers
+    def _const(self, value) -> torch.Tensor:
+        return torch.as_tensor(value, dtype=self.cell_state.dtype, device=self.cell_state.device)
+
+    def _counts_pattern(self, x_data: torch.Tensor) -> CountsPattern:
+        """Data-only likelihood terms, cached while the same count tensor is passed (full-data training)."""
+        key = (x_data.data_ptr(), tuple(x_data.shape), x_data._version, x_data.device)
+        if key != self._pattern_key:
+            self._pattern = CountsPattern(x_data)
+            self._pattern_key = key
+        return self._pattern
+
+    def create_plates(self, x_data, idx, batch_index):
+        """The observation plate (dim -2), subsampled to ``idx``."""
+        return pyro.plate("obs_plate", size=self.n_obs, dim=-2, subsample=idx)
+
+    def list_obs_plate_vars(self):
+        """Name, model inputs and per-site non-plate dimension of the observation-plate sites."""
+        return {"name": "obs_plate", "input": [0, 2], "input_transform": [torch.log1p, lambda x: x], "sites": {}}
+
+    @staticmethod
+    def _batch(batch_index: torch.Tensor) -> torch.Tensor:
+        return batch_index.reshape(-1).long()
+
+    def _detection_and_background(self, obs_plate, batch):
+        """Sample detection efficiency y_s, background s_eg and overdispersion; return them."""
+        E, G = self.n_batch, self.n_vars
+        det_alpha = self.detection_hyp_prior["mean_alpha"]
+        detection_mean_y_e = pyro.sample(
+            "detection_mean_y_e",
+            dist.Gamma(self._const(det_alpha) * torch.ones_like(self.detection_mean),
+                       self._const(det_alpha) / self.detection_mean).to_event(2),
+        )  # (E, 1)
+        detection_hyp_prior_alpha = pyro.deterministic("detection_hyp_prior_alpha", self.detection_alpha)  # (E, 1)
+        with obs_plate:
+            a_s = detection_hyp_prior_alpha[batch]  # (B, 1)
+            detection_y_s = pyro.sample(
+                "detection_y_s", dist.Gamma(a_s, a_s / detection_mean_y_e[batch])
+            )  # (B, 1)
+        hyp = self.gene_add_alpha_hyp_prior
+        s_g_gene_add_alpha_hyp = pyro.sample(
+            "s_g_gene_add_alpha_hyp",
+            dist.Gamma(self._const(hyp["alpha"]), self._const(hyp["beta"])).expand([1, 1]).to_event(2),
+        )  # (1, 1)
+        hyp = self.gene_add_mean_hyp_prior
+        s_g_gene_add_mean = pyro.sample(
+            "s_g_gene_add_mean",
+            dist.Gamma(self._const(hyp["alpha"]), self._const(hyp["beta"])).expand([E, 1]).to_event(2),
+        )  # (E, 1)
+        s_g_gene_add_alpha_e_inv = pyro.sample(
+            "s_g_gene_add_alpha_e_inv", dist.Exponential(s_g_gene_add_alpha_hyp).expand([E, 1]).to_event(2)
+        )  # (E, 1)
+        s_g_gene_add_alpha_e = s_g_gene_add_alpha_e_inv.pow(-2)
+        s_g_gene_add = pyro.sample(
+            "s_g_gene_add",
+            dist.Gamma(s_g_gene_add_alpha_e, s_g_gene_add_alpha_e / s_g_gene_add_mean).expand([E, G]).to_event(2),
+        )  # (E, G)
+        hyp = self.alpha_g_phi_hyp_prior
+        alpha_g_phi_hyp = pyro.sample(
+            "alpha_g_phi_hyp",
+            dist.Gamma(self._const(hyp["alpha"]), self._const(hyp["beta"])).expand([1, 1]).to_event(2),
+        )  # (1, 1)
+        alpha_g_inverse = pyro.sample(
+            "alpha_g_inverse", dist.Exponential(alpha_g_phi_hyp).expand([E, G]).to_event(2)
+        )  # (E, G)
+        return detection_y_s, s_g_gene_add, alpha_g_inverse
+
+    def _likelihood(self, obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse):
+        """mu_sg = (m_g * sum_f w_sf g_fg + s_eg) * y_s; D ~ NB(mu, alpha = 1 / alpha_g_inverse^2)."""
+        expected = w_sf @ self.cell_state  # (B, G)
+        if m_g is not None:
+            expected = expected * m_g
+        if self.n_batch == 1:
+            mu = (expected + s_g_gene_add) * detection_y_s  # (B, G)
+        else:
+            mu = (expected + s_g_gene_add[batch]) * detection_y_s  # (B, G)
+        alpha = alpha_g_inverse.pow(-2)  # (E, G)
+        if self.skip_likelihood:
+            return mu
+        pattern = self._counts_pattern(x_data) if x_data is not None else None
+        with obs_plate:
+            pyro.sample(
+                "data_target",
+                NegativeBinomialCounts(mu, alpha, batch_index=batch, pattern=pattern),
+                obs=x_data,
+            )  # (B, 1) x (G,)
+        return mu
+
+    # ------------------------------------------------------------------ posterior helpers
+    def _expected_terms(self, samples: dict, batch: np.ndarray):
+        """Abundance term (S, G) per spot without background, background (S, G), detection (S, 1)."""
+        w = np.asarray(samples["w_sf"])
+        g = self.cell_state.detach().cpu().numpy()  # (F, G)
+        m_g = np.asarray(samples["m_g"]) if "m_g" in samples else 1.0
+        s_add = np.asarray(samples["s_g_gene_add"])[batch]
+        y_s = np.asarray(samples["detection_y_s"])
+        return w, g, m_g, s_add, y_s
+
+    def compute_expected(self, samples, batch_index, ind_x=None, hide_ambient=False, hide_cell_type=False):
+        """Expected counts mu and overdispersion alpha of each gene in each spot.
+
+        Parameters
+        ----------
+        samples : dict
+            Posterior summary (e.g. ``post_sample_means``): site -> array.
+        batch_index : numpy.ndarray
+            (n_obs,) batch code of each spot.
+        ind_x : numpy.ndarray, optional
+            Spots to compute (default all).
+        hide_ambient : bool
+            Leave out the additive background s_eg.
+        hide_cell_type : bool
+            Leave out the cell type term (background only).
+
+        Returns
+        -------
+        dict
+            ``mu`` (n_spots, n_vars) and ``alpha`` (n_spots, n_vars).
+        """
+        batch = np.asarray(batch_index).reshape(-1).astype(int)
+        ind_x = np.arange(len(batch)) if ind_x is None else np.asarray(ind_x)
+        w, g, m_g, s_add, y_s = self._expected_terms(samples, batch)
+        mu = np.zeros((len(ind_x), g.shape[1]))
+        if not hide_cell_type:
+            mu = mu + (w[ind_x] @ g) * m_g
+        if not hide_ambient:
+            mu = mu + s_add[ind_x]
+        mu = mu * y_s[ind_x]
+        alpha = 1.0 / np.asarray(samples["alpha_g_inverse"])[batch[ind_x]] ** 2
+        return {"mu": mu, "alpha": alpha, "ind_x": ind_x}
+
+    def compute_expected_per_cell_type(self, samples, batch_index, ind_x=None, x_data=None):
+        """Observed counts split between cell types by their share of the expected counts.
+
+        For each cell type f: X * (w_sf g_fg m_g) / (sum_f' w_sf' g_f'g m_g + s_eg).
+
+        Parameters
+        ----------
+        samples : dict
+            Posterior summary: site -> array.
+        batch_index : numpy.ndarray
+            (n_obs,) batch code of each spot.
+        ind_x : numpy.ndarray, optional
+            Spots to compute (default all).
+        x_data : numpy.ndarray or scipy.sparse matrix
+            (n_obs, n_vars) observed counts.
+
+        Returns
+        -------
+        dict
+            ``mu``: list of n_factors sparse (n_spots, n_vars) matrices in factor order; ``ind_x``.
+        """
+        from scipy import sparse
+
+        batch = np.asarray(batch_index).reshape(-1).astype(int)
+        ind_x = np.arange(len(batch)) if ind_x is None else np.asarray(ind_x)
+        w, g, m_g, s_add, _ = self._expected_terms(samples, batch)
+        X = x_data[ind_x]
+        X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+        total = (w[ind_x] @ g) * m_g + s_add[ind_x]  # (n, G)
+        out = []
+        for f in range(g.shape[0]):
+            part = np.outer(w[ind_x, f], g[f]) * m_g
+            out.append(sparse.csr_matrix(X * part / total))
+        return {"mu": out, "ind_x": ind_x}
+
+    def deterministic_sites(self, samples: dict) -> dict:
+        """Deterministic sites computed from (batched) samples of the latent sites.
+
+        Parameters
+        ----------
+        samples : dict
+            site -> tensor with a leading sample dimension.
+        """
+        gm = self.cell_state  # (F, G)
+        if "m_g" in samples:
+            total_per_type = (samples["m_g"] * gm).sum(-1)  # (n, F)
+            total_per_type = total_per_type.unsqueeze(-2)  # (n, 1, F)
+        else:
+            total_per_type = gm.sum(-1)  # (F,)
+        out = {"u_sf_mRNA_factors": samples["w_sf"] * total_per_type}
+        n = samples["w_sf"].shape[0]
+        out["detection_hyp_prior_alpha"] = self.detection_alpha.expand(n, *self.detection_alpha.shape)
+        return out
+
+
+class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel(_LocationModelBase):
+    """Cell2location's main model: abundances w_sf with a group factorisation, platform effect m_g.
+
+    mu_sg = (m_g * sum_f w_sf g_fg + s_{e(s),g}) * y_s, counts ~ NB(mu, alpha_eg).
+    See ``spec/MODEL.md`` §1 for every site and prior.
+
+    Parameters
+    ----------
+    n_obs, n_vars, n_factors, n_batch : int
+        Spots, genes, cell types, batches.
+    cell_state_mat : numpy.ndarray
+        (n_vars, n_factors) reference signatures.
+    n_groups : int
+        R, groups of co-located cell types.
+    detection_mean : float
+        Prior mean of detection efficiency (set from the data by :class:`Cell2location`).
+    detection_alpha : float
+        Regularisation of spot-to-spot detection efficiency (20 weak, 200 strong).
+    m_g_gene_level_prior : dict
+        ``mean``, ``mean_var_ratio``, ``alpha_mean`` of the platform effect prior.
+    N_cells_per_location : float or array
+        Expected cells per spot; scalar or (n_obs,) per-spot prior (ours).
+    A_factors_per_location, B_groups_per_location : float
+        Expected cell types and groups per spot.
+    N_cells_mean_var_ratio : float
+        Mean / variance ratio of the cells-per-spot prior.
+    alpha_g_phi_hyp_prior, gene_add_alpha_hyp_prior, gene_add_mean_hyp_prior : dict
+        ``alpha``, ``beta`` of the overdispersion and background hyper-priors.
+    detection_hyp_prior : dict
+        ``mean_alpha``: shape of the per-batch detection prior.
+    w_sf_mean_var_ratio : float
+        Mean / variance ratio of w_sf around its factorised mean.
+    init_vals : dict, optional
+        Initial values of sites (site -> array); used by the guide's initialisation.
+    init_alpha : float
+        Kept for API compatibility with the original.
+    dropout_p : float
+        Dropout probability applied to the observed counts during training.
+    """
+
+    def __init__(
+        self,
+        n_obs,
+        n_vars,
+        n_factors,
+        n_batch,
+        cell_state_mat,
+        n_groups: int = 50,
+        detection_mean=0.5,
+        detection_alpha=20.0,
+        m_g_gene_level_prior=None,
+        N_cells_per_location=8.0,
+        A_factors_per_location=7.0,
+        B_groups_per_location=7.0,
+        N_cells_mean_var_ratio=1.0,
+        alpha_g_phi_hyp_prior=None,
+        gene_add_alpha_hyp_prior=None,
+        gene_add_mean_hyp_prior=None,
+        detection_hyp_prior=None,
+        w_sf_mean_var_ratio=5.0,
+        init_vals=None,
+        init_alpha=20.0,
+        dropout_p=0.0,
+    ):
+        super().__init__(
+            n_obs, n_vars, n_factors, n_batch, cell_state_mat, detection_mean, detection_alpha,
+            N_cells_per_location, A_factors_per_location, N_cells_mean_var_ratio, alpha_g_phi_hyp_prior,
+            gene_add_alpha_hyp_prior, gene_add_mean_hyp_prior, detection_hyp_prior, w_sf_mean_var_ratio,
+        )
+        self.n_groups = int(n_groups)
+        self.m_g_gene_level_prior = {**_M_G_PRIOR, **(m_g_gene_level_prior or {})}
+        self.B_groups_per_location = float(B_groups_per_location)
+        self.init_vals = init_vals
+        self.init_alpha = float(init_alpha)
+        self.dropout_p = float(dropout_p)
+        self.dropout = torch.nn.Dropout(p=self.dropout_p) if self.dropout_p > 0 else None
+
+    def list_obs_plate_vars(self):
+        out = super().list_obs_plate_vars()
+        out["sites"] = {
+            "n_s_cells_per_location": 1,
+            "b_s_groups_per_location": 1,
+            "z_sr_groups_factors": self.n_groups,
+            "w_sf": self.n_factors,
+            "detection_y_s": 1,
+        }
+        return out
+
+    def forward(self, x_data, idx, batch_index):
+        batch = self._batch(batch_index)  # (B,)
+        G, R, F = self.n_vars, self.n_groups, self.n_factors
+        obs_plate = self.create_plates(x_data, idx, batch_index)
+        if self.dropout is not None and x_data is not None and self.training:
+            x_data = self.dropout(x_data)
+
+        # platform effect m_g
+        prior = self.m_g_gene_level_prior
+        r_m, mu_m = self._const(prior["mean_var_ratio"]), self._const(prior["mean"])
+        m_g_mean = pyro.sample("m_g_mean", dist.Gamma(mu_m * r_m, r_m).expand([1, 1]).to_event(2))  # (1, 1)
+        m_g_alpha_e_inv = pyro.sample(
+            "m_g_alpha_e_inv", dist.Exponential(self._const(prior["alpha_mean"])).expand([1, 1]).to_event(2)
+        )  # (1, 1)
+        m_g_alpha_e = m_g_alpha_e_inv.pow(-2)
+        m_g = pyro.sample("m_g", dist.Gamma(m_g_alpha_e, m_g_alpha_e / m_g_mean).expand([1, G]).to_event(2))  # (1, G)
+
+        # cell abundance hierarchy: cells per spot, groups per spot, group loadings
+        r_n = self._const(self.N_cells_mean_var_ratio)
+        with obs_plate as ind:
+            n_s = pyro.sample(
+                "n_s_cells_per_location", dist.Gamma(self.N_cells_per_location[ind] * r_n, r_n)
+            )  # (B, 1)
+            b_s = pyro.sample(
+                "b_s_groups_per_location",
+                dist.Gamma(self._const(self.B_groups_per_location), self._const(1.0)).expand([len(ind), 1]),
+            )  # (B, 1)
+            z_sr = pyro.sample(
+                "z_sr_groups_factors", dist.Gamma(b_s / R, b_s / n_s).expand([len(ind), R])
+            )  # (B, R)
+        k_r = pyro.sample(
+            "k_r_factors_per_groups",
+            dist.Gamma(self._const(self.A_factors_per_location / self.B_groups_per_location), self._const(1.0))
+            .expand([R, 1])
+            .to_event(2),
+        )  # (R, 1)
+        x_fr = pyro.sample("x_fr_group2fact", dist.Gamma(k_r / F, k_r).expand([R, F]).to_event(2))  # (R, F)
+        r_w = self._const(self.w_sf_mean_var_ratio)
+        with obs_plate:
+            w_sf_mu = z_sr @ x_fr  # (B, F)
+            w_sf = pyro.sample("w_sf", dist.Gamma(w_sf_mu * r_w, r_w))  # (B, F)
+
+        detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
+        mu = self._likelihood(obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse)
+        with obs_plate:
+            pyro.deterministic("u_sf_mRNA_factors", w_sf * (m_g * self.cell_state).sum(-1))  # (B, F)
+        return mu
+
+
+class LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel(_LocationModelBase):
+    """Simplified model without the group factorisation: w_sf ~ Gamma(a / F, a / n) with global a, n.
+
+    Parameters are those of the main model less the factorisation's; detection_alpha defaults to 200.
+    See ``spec/MODEL.md`` §2.
+    """
+
+    def __init__(
+        self,
+        n_obs,
+        n_vars,
+        n_factors,
+        n_batch,
+        cell_state_mat,
+        n_groups: int = 50,
+        detection_mean=0.5,
+        detection_alpha=200.0,
+        m_g_gene_level_prior=None,
+        N_cells_per_location=8.0,
+        A_factors_per_location=7.0,
+        N_cells_mean_var_ratio=1.0,
+        alpha_g_phi_hyp_prior=None,
+        gene_add_alpha_hyp_prior=None,
+        gene_add_mean_hyp_prior=None,
+        detection_hyp_prior=None,
+        w_sf_mean_var_ratio=5.0,
+    ):
+        super().__init__(
+            n_obs, n_vars, n_factors, n_batch, cell_state_mat, detection_mean, detection_alpha,
+            N_cells_per_location, A_factors_per_location, N_cells_mean_var_ratio, alpha_g_phi_hyp_prior,
+            gene_add_alpha_hyp_prior, gene_add_mean_hyp_prior, detection_hyp_prior, w_sf_mean_var_ratio,
+        )
+        self.n_groups = int(n_groups)
+        self.m_g_gene_level_prior = {**_M_G_PRIOR, **(m_g_gene_level_prior or {})}
+        if not torch.allclose(self.N_cells_per_location, self.N_cells_per_location[:1]):
+            raise ValueError("the no-factorisation model takes one global N_cells_per_location, not per-spot values")
+
+    def list_obs_plate_vars(self):
+        out = super().list_obs_plate_vars()
+        out["sites"] = {"w_sf": self.n_factors, "detection_y_s": 1}
+        return out
+
+    def forward(self, x_data, idx, batch_index):
+        batch = self._batch(batch_index)
+        G, F = self.n_vars, self.n_factors
+        obs_plate = self.create_plates(x_data, idx, batch_index)
+
+        prior = self.m_g_gene_level_prior
+        r_m, mu_m = self._const(prior["mean_var_ratio"]), self._const(prior["mean"])
+        m_g_mean = pyro.sample("m_g_mean", dist.Gamma(mu_m * r_m, r_m).expand([1, 1]).to_event(2))  # (1, 1)
+        m_g_alpha_e_inv = pyro.sample(
+            "m_g_alpha_e_inv", dist.Exponential(self._const(prior["alpha_mean"])).expand([1, 1]).to_event(2)
+        )  # (1, 1)
+        m_g_alpha_e = m_g_alpha_e_inv.pow(-2)
+        m_g = pyro.sample("m_g", dist.Gamma(m_g_alpha_e, m_g_alpha_e / m_g_mean).expand([1, G]).to_event(2))  # (1, G)
+
+        N = self.N_cells_per_location[0, 0]
+        r_n = self._const(self.N_cells_mean_var_ratio)
+        n_cells = pyro.sample(
+            "n_cells_per_location", dist.Gamma(N * r_n, r_n).expand([1, 1]).to_event(2)
+        )  # (1, 1)
+        a_factors = pyro.sample(
+            "a_factors_per_location",
+            dist.Gamma(self._const(self.A_factors_per_location), self._const(1.0)).expand([1, 1]).to_event(2),
+        )  # (1, 1)
+        with obs_plate as ind:
+            w_sf = pyro.sample(
+                "w_sf", dist.Gamma(a_factors / F, a_factors / n_cells).expand([len(ind), F])
+            )  # (B, F)
+
+        detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
+        mu = self._likelihood(obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse)
+        with obs_plate:
+            pyro.deterministic("u_sf_mRNA_factors", w_sf * (m_g * self.cell_state).sum(-1))  # (B, F)
+        return mu
+
+
+class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel(_LocationModelBase):
+    """Simplified model without the platform effect m_g: mu_sg = (sum_f w_sf g_fg + s_eg) * y_s.
+
+    The groups-per-spot site is named ``y_s_groups_per_location`` (Gamma(Y, 1)); detection_alpha
+    defaults to 200. See ``spec/MODEL.md`` §2.
+    """
+
+    def __init__(
+        self,
+        n_obs,
+        n_vars,
+        n_factors,
+        n_batch,
+        cell_state_mat,
+        n_groups: int = 50,
+        detection_mean=0.5,
+        detection_alpha=200.0,
+        N_cells_per_location=8.0,
+        A_factors_per_location=7.0,
+        Y_groups_per_location=7.0,
+        N_cells_mean_var_ratio=1.0,
+        alpha_g_phi_hyp_prior=None,
+        gene_add_alpha_hyp_prior=None,
+        gene_add_mean_hyp_prior=None,
+        detection_hyp_prior=None,
+        w_sf_mean_var_ratio=5.0,
+    ):
+        super().__init__(
+            n_obs, n_vars, n_factors, n_batch, cell_state_mat, detection_mean, detection_alpha,
+            N_cells_per_location, A_factors_per_location, N_cells_mean_var_ratio, alpha_g_phi_hyp_prior,
+            gene_add_alpha_hyp_prior, gene_add_mean_hyp_prior, detection_hyp_prior, w_sf_mean_var_ratio,
+        )
+        self.n_groups = int(n_groups)
+        self.Y_groups_per_location = float(Y_groups_per_location)
+
+    def list_obs_plate_vars(self):
+        out = super().list_obs_plate_vars()
+        out["sites"] = {
+            "n_s_cells_per_location": 1,
+            "y_s_groups_per_location": 1,
+            "z_sr_groups_factors": self.n_groups,
+            "w_sf": self.n_factors,
+            "detection_y_s": 1,
+        }
+        return out
+
+    def forward(self, x_data, idx, batch_index):
+        batch = self._batch(batch_index)
+        R, F = self.n_groups, self.n_factors
+        obs_plate = self.create_plates(x_data, idx, batch_index)
+
+        r_n = self._const(self.N_cells_mean_var_ratio)
+        with obs_plate as ind:
+            n_s = pyro.sample(
+                "n_s_cells_per_location", dist.Gamma(self.N_cells_per_location[ind] * r_n, r_n)
+            )  # (B, 1)
+            y_s = pyro.sample(
+                "y_s_groups_per_location",
+                dist.Gamma(self._const(self.Y_groups_per_location), self._const(1.0)).expand([len(ind), 1]),
+            )  # (B, 1)
+            z_sr = pyro.sample("z_sr_groups_factors", dist.Gamma(y_s / R, y_s / n_s).expand([len(ind), R]))  # (B, R)
+        k_r = pyro.sample(
+            "k_r_factors_per_groups",
+            dist.Gamma(self._const(self.A_factors_per_location / self.Y_groups_per_location), self._const(1.0))
+            .expand([R, 1])
+            .to_event(2),
+        )  # (R, 1)
+        x_fr = pyro.sample("x_fr_group2fact", dist.Gamma(k_r / F, k_r).expand([R, F]).to_event(2))  # (R, F)
+        r_w = self._const(self.w_sf_mean_var_ratio)
+        with obs_plate:
+            w_sf = pyro.sample("w_sf", dist.Gamma(z_sr @ x_fr * r_w, r_w))  # (B, F)
+
+        detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
+        mu = self._likelihood(obs_plate, x_data, batch, w_sf, None, detection_y_s, s_g_gene_add, alpha_g_inverse)
+        with obs_plate:
+            pyro.deterministic("u_sf_mRNA_factors", w_sf * self.cell_state.sum(-1))  # (B, F)
+        return mu
+
+
+#: short readable aliases
+Cell2locationModule = LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel
+NoFactorisationModule = LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel
+NoMGModule = LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel

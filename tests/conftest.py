@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny count data generated from the model's own assumptions."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+# the test machine has 2 shared cores: one intra-op thread avoids spin contention on tiny tensors
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def make_tiny(n_obs=60, n_vars=80, n_factors=4, n_batch=2, seed=0):
+    """Small spatial AnnData + signatures with known abundances (not the full synthetic section)."""
+    import anndata
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    sig = rng.gamma(0.6, 1.0, size=(n_vars, n_factors)) * 3.0
+    for f in range(n_factors):  # a few markers per type
+        sig[rng.choice(n_vars, 5, replace=False), f] *= 8
+    w = rng.gamma(0.4, 5.0, size=(n_obs, n_factors)) * (rng.random((n_obs, n_factors)) < 0.7)
+    mu = (w @ sig.T) * 0.3 + 0.05
+    X = rng.negative_binomial(10, 10 / (10 + mu)).astype(np.float32)
+    adata = anndata.AnnData(sparse.csr_matrix(X))
+    adata.obs_names = [f"spot_{i}" for i in range(n_obs)]
+    adata.var_names = [f"gene_{i}" for i in range(n_vars)]
+    adata.obs["sample"] = pd.Categorical([f"s{i % n_batch}" for i in range(n_obs)])
+    adata.obs["other"] = 1.0
+    signatures = pd.DataFrame(sig, index=adata.var_names, columns=[f"Type{f}" for f in range(n_factors)])
+    return adata, signatures, w
+
+
+@pytest.fixture
+def tiny():
+    return make_tiny()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

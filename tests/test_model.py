@@ -1,0 +1,356 @@
+"""The headless model: validation, training, posterior, export contract, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_tiny
+
+from napari_cell2location import Cell2location
+from napari_cell2location.io import InputError
+from napari_cell2location.model import (
+    LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel as MainModel,
+)
+from napari_cell2location.model import (
+    LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel as NoMG,
+)
+from napari_cell2location.model import (
+    LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel as NoFact,
+)
+from napari_cell2location.model._likelihood import CountsPattern, NegativeBinomialCounts
+
+
+def fitted(adata, sig, steps=30, **kwargs):
+    Cell2location.setup_anndata(adata, batch_key="sample")
+    mod = Cell2location(adata, sig, N_cells_per_location=5.0, **kwargs)
+    mod.train(max_epochs=steps, lr=0.01, progress_bar=False, seed=0)
+    return mod
+
+
+# --------------------------------------------------------------------------- likelihood
+def test_nb_likelihood_matches_torch():
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.negative_binomial(3, 0.3, size=(7, 11)), dtype=torch.float32)
+    x[0] = 0
+    mu = torch.tensor(rng.gamma(2, 2, size=(7, 11)), dtype=torch.float32)
+    alpha_e = torch.tensor(rng.gamma(5, 1, size=(2, 11)), dtype=torch.float32)
+    batch = torch.tensor([0, 1, 0, 1, 1, 0, 0])
+    alpha = alpha_e[batch]
+    ref = torch.distributions.NegativeBinomial(total_count=alpha, logits=torch.log(mu) - torch.log(alpha))
+    expected = ref.log_prob(x).sum(-1, keepdim=True)
+    for pattern in (None, CountsPattern(x)):
+        got = NegativeBinomialCounts(mu, alpha_e, batch_index=batch, pattern=pattern).log_prob(x)
+        assert got.shape == (7, 1)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    one = NegativeBinomialCounts(mu, alpha_e[:1], batch_index=batch).log_prob(x)
+    ref1 = torch.distributions.NegativeBinomial(total_count=alpha_e[:1], logits=torch.log(mu) - torch.log(alpha_e[:1]))
+    torch.testing.assert_close(one, ref1.log_prob(x).sum(-1, keepdim=True), rtol=1e-4, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- validation
+def _expect(match, adata, sig, **kwargs):
+    with pytest.raises(InputError, match=match):
+        Cell2location(adata, sig, **kwargs)
+
+
+def test_rejects_non_integer_counts(tiny):
+    adata, sig, _ = tiny
+    adata.X = adata.X.toarray() / 3.0
+    _expect("non-integer", adata, sig)
+
+
+def test_rejects_negative_counts(tiny):
+    adata, sig, _ = tiny
+    X = adata.X.toarray()
+    X[3, 2] = -1
+    adata.X = X
+    _expect("negative", adata, sig)
+
+
+def test_rejects_nan_counts(tiny):
+    adata, sig, _ = tiny
+    X = adata.X.toarray()
+    X[5, 7] = np.nan
+    adata.X = X
+    _expect("NaN", adata, sig)
+
+
+def test_rejects_duplicate_names(tiny):
+    adata, sig, _ = tiny
+    a = adata.copy()
+    a.obs_names = ["same"] * a.n_obs
+    _expect("duplicate spot names", a, sig)
+    b = adata.copy()
+    names = list(b.var_names)
+    names[1] = names[0]
+    b.var_names = names
+    _expect("duplicate gene names", b, sig)
+    s = sig.copy()
+    s.index = [sig.index[0]] + list(sig.index[1:-1]) + [sig.index[0]]
+    _expect("duplicate gene names", adata, s)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda s: s.assign(Type1=np.nan), "NaN"),
+        (lambda s: s.assign(Type2=-s["Type2"]), "negative"),
+        (lambda s: s.assign(Type0=0.0), "all-zero"),
+    ],
+)
+def test_rejects_bad_signatures(tiny, mutate, match):
+    adata, sig, _ = tiny
+    _expect(match, adata, mutate(sig))
+
+
+def test_unknown_batch_key_lists_columns(tiny):
+    adata, sig, _ = tiny
+    with pytest.raises(InputError, match=r"columns present: \['sample', 'other'\]"):
+        Cell2location.setup_anndata(adata, batch_key="slide")
+    adata.uns["napari_cell2location_setup"] = {"batch_key": "slide"}
+    _expect("columns present", adata, sig)
+
+
+def test_missing_layer(tiny):
+    adata, sig, _ = tiny
+    with pytest.raises(InputError, match="layers present"):
+        Cell2location.setup_anndata(adata, layer="counts")
+
+
+def test_too_few_shared_genes(tiny):
+    adata, sig, _ = tiny
+    s = sig.iloc[:10]
+    _expect("only 10 genes are shared", adata, s)
+    renamed = sig.rename(index=lambda g: "ENSG" + g)
+    _expect("same gene identifiers", adata, renamed)
+
+
+def test_genes_intersected_reordered_and_zero_genes_dropped(tiny):
+    adata, sig, _ = tiny
+    X = adata.X.toarray()
+    X[:, 3] = 0  # gene_3 has no counts anywhere
+    adata.X = X
+    shuffled = sig.sample(frac=1.0, random_state=0)
+    extra = pd.DataFrame(1.0, index=["not_in_data_1", "not_in_data_2"], columns=sig.columns)
+    shuffled = pd.concat([shuffled, extra])
+    mod = Cell2location(adata, shuffled)
+    assert "gene_3" not in mod.var_names
+    assert mod.input_report["n_genes_zero_dropped"] == 1
+    assert mod.input_report["n_genes_shared"] == adata.n_vars
+    assert list(mod.var_names) == [g for g in adata.var_names if g != "gene_3"]
+    np.testing.assert_allclose(mod.cell_state_df.loc["gene_7"].to_numpy(), sig.loc["gene_7"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        mod.module.cell_state[:, list(mod.var_names).index("gene_7")].numpy(), sig.loc["gene_7"].to_numpy(), rtol=1e-6
+    )
+
+
+def test_user_adata_unchanged_except_outputs(tiny):
+    adata, sig, _ = tiny
+    before = adata.copy()
+    mod = fitted(adata, sig, steps=3)
+    mod.export_posterior(adata, sample_kwargs={"num_samples": 10})
+    assert (adata.X != before.X).nnz == 0
+    assert list(adata.obs.columns) == list(before.obs.columns)
+    assert adata.var.equals(before.var)
+    assert set(adata.uns) == {"napari_cell2location_setup", "mod"}
+    assert set(adata.obsm) == {f"{k}_cell_abundance_w_sf" for k in ("means", "stds", "q05", "q95")}
+
+
+def test_detection_mean_uses_n_in_force(tiny):
+    adata, sig, _ = tiny
+    m4 = Cell2location(adata, sig, N_cells_per_location=4.0)
+    m8 = Cell2location(adata, sig, N_cells_per_location=8.0)
+    d4 = float(m4.module.detection_mean[0, 0])
+    d8 = float(m8.module.detection_mean[0, 0])
+    assert d4 == pytest.approx(2 * d8, rel=1e-5)
+    X = adata.X.toarray()
+    expected = (X.sum(1) / 4.0).mean() / sig.sum(0).mean()
+    assert d4 == pytest.approx(expected, rel=1e-5)
+    per = Cell2location(adata, sig, N_cells_per_location=4.0, detection_mean_per_sample=True)
+    Cell2location.setup_anndata(adata, batch_key="sample")
+    per = Cell2location(adata, sig, N_cells_per_location=4.0, detection_mean_per_sample=True)
+    assert per.module.detection_mean.shape == (2, 1)
+    assert per.module.detection_mean[0, 0] != per.module.detection_mean[1, 0]
+
+
+def test_per_spot_n_cells_prior(tiny):
+    adata, sig, _ = tiny
+    n = np.linspace(2, 12, adata.n_obs)
+    mod = Cell2location(adata, sig, N_cells_per_location=n)
+    np.testing.assert_allclose(mod.module.N_cells_per_location.numpy().ravel(), n, rtol=1e-6)
+    with pytest.raises(InputError, match="has 3 values"):
+        Cell2location(adata, sig, N_cells_per_location=[1.0, 2.0, 3.0])
+    with pytest.raises(InputError, match="positive"):
+        Cell2location(adata, sig, N_cells_per_location=np.zeros(adata.n_obs))
+
+
+def test_device_choice(tiny):
+    adata, sig, _ = tiny
+    mod = Cell2location(adata, sig)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            mod.train(max_epochs=1, device="cuda", progress_bar=False)
+    with pytest.raises(InputError, match="unsupported device"):
+        mod.train(max_epochs=1, device="tpu", progress_bar=False)
+    mod.train(max_epochs=1, device="auto", progress_bar=False)
+    assert mod.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- training
+@pytest.mark.parametrize("model_class", [MainModel, NoFact, NoMG])
+def test_all_variants_train(tiny, model_class):
+    adata, sig, _ = tiny
+    mod = fitted(adata, sig, steps=60, model_class=model_class)
+    hist = mod.history_["elbo_train"]["elbo_train"].to_numpy()
+    assert len(hist) == 60 and np.all(np.isfinite(hist))
+    assert hist[-10:].mean() < hist[:10].mean()
+    mod.export_posterior(adata, sample_kwargs={"num_samples": 20})
+    w = adata.obsm["means_cell_abundance_w_sf"]
+    assert w.shape == (adata.n_obs, sig.shape[1]) and np.all(w.to_numpy() > 0)
+    assert adata.uns["mod"]["model_name"] == model_class.__name__
+
+
+def test_iter_train_yields_and_can_stop(tiny):
+    adata, sig, _ = tiny
+    mod = Cell2location(adata, sig)
+    gen = mod.iter_train(max_epochs=10, batch_size=25, lr=0.01)  # 3 steps per epoch
+    recs = [next(gen) for _ in range(7)]
+    assert [r.step for r in recs] == list(range(1, 8))
+    assert all(r.total == 30 for r in recs)
+    assert [r.epoch for r in recs] == [0, 0, 0, 1, 1, 1, 2]
+    gen.close()  # what a GUI's cancel does
+    assert len(mod.history_["elbo_train"]) == 3  # 2 full epochs + the interrupted one
+    assert mod.is_trained_
+    assert mod.guide.locs.w_sf.shape == (adata.n_obs, sig.shape[1])  # full size with minibatches
+    mod.train(max_epochs=2, progress_bar=False)  # training continues from where it stopped
+    assert len(mod.history_["elbo_train"]) == 5
+
+
+def test_bad_training_arguments(tiny):
+    adata, sig, _ = tiny
+    mod = Cell2location(adata, sig)
+    with pytest.raises(InputError, match="train_size"):
+        mod.train(max_epochs=1, train_size=0.9)
+    with pytest.raises(TypeError, match="use_gpu"):
+        mod.train(max_epochs=1, use_gpu=True)
+    with pytest.raises(InputError, match="unknown model arguments"):
+        Cell2location(adata, sig, N_cells=3)
+
+
+def test_two_fits_in_one_process_do_not_interfere(tiny):
+    import pyro
+
+    adata, sig, _ = tiny
+    a = fitted(adata, sig, steps=5)
+    state_a = {k: v.clone() for k, v in a.guide.state_dict().items()}
+    adata2, sig2, _ = make_tiny(n_obs=40, n_vars=60, n_factors=3, seed=3)
+    b = fitted(adata2, sig2, steps=5)
+    for k, v in a.guide.state_dict().items():
+        torch.testing.assert_close(v, state_a[k], rtol=0, atol=0)
+    assert b.guide.locs.w_sf.shape == (40, 3)
+    assert len(pyro.get_param_store()) == 0
+    a.train(max_epochs=2, progress_bar=False)  # a still trains, with its own shapes
+    assert a.guide.locs.w_sf.shape == (60, 4)
+
+
+# --------------------------------------------------------------------------- posterior
+def test_quantiles_from_guide_agree_with_samples(tiny):
+    adata, sig, _ = tiny
+    mod = fitted(adata, sig, steps=50)
+    torch.manual_seed(0)
+    sampled = mod.sample_posterior(num_samples=4000, summaries=("means", "stds", "q05", "q50", "q95"))
+    exact = mod._summaries_from_guide(["means", "stds", "q05", "q50", "q95"])
+    for k in ("means", "stds", "q05", "q50", "q95"):
+        for site in ("w_sf", "m_g", "detection_y_s", "alpha_g_inverse"):
+            a = sampled[f"post_sample_{k}"][site]
+            b = exact[f"post_sample_{k}"][site]
+            assert a.shape == b.shape
+            rel = np.abs(a - b) / (np.abs(b) + 1e-3)
+            assert np.median(rel) < 0.03, (k, site, np.median(rel))
+    q = mod.posterior_quantile(0.05)
+    np.testing.assert_allclose(q["w_sf"], exact["post_sample_q05"]["w_sf"], rtol=1e-5)
+    batched = mod.posterior_quantile(0.05, batch_size=7)
+    np.testing.assert_allclose(batched["w_sf"], q["w_sf"], rtol=1e-6)
+    u = sampled["post_sample_means"]["u_sf_mRNA_factors"]
+    assert u.shape == (adata.n_obs, sig.shape[1])
+
+
+def test_export_contract(tiny, tmp_path):
+    import anndata
+
+    adata, sig, _ = tiny
+    mod = fitted(adata, sig, steps=10)
+    mod.export_posterior(adata, sample_kwargs={"num_samples": 50, "batch_size": 16})
+    types = list(sig.columns)
+    for k in ("means", "stds", "q05", "q95"):
+        df = adata.obsm[f"{k}_cell_abundance_w_sf"]
+        assert isinstance(df, pd.DataFrame)
+        assert list(df.columns) == [f"{k}cell_abundance_w_sf_{t}" for t in types]
+        assert list(df.index) == list(adata.obs_names)
+    mod_uns = adata.uns["mod"]
+    for key in ("factor_names", "var_names", "obs_names", "model_name", "date"):
+        assert key in mod_uns
+    for k in ("means", "stds", "q05", "q95"):
+        assert mod_uns[f"post_sample_{k}"]["w_sf"].shape == (adata.n_obs, len(types))
+    assert list(mod_uns["factor_names"]) == types
+    q05 = adata.obsm["q05_cell_abundance_w_sf"].to_numpy()
+    q95 = adata.obsm["q95_cell_abundance_w_sf"].to_numpy()
+    assert np.all(q05 <= q95)
+    path = tmp_path / "out.h5ad"
+    adata.write_h5ad(path)
+    back = anndata.read_h5ad(path)
+    np.testing.assert_allclose(back.obsm["q05_cell_abundance_w_sf"].to_numpy(), q05)
+    assert list(back.uns["mod"]["factor_names"]) == types
+
+    mod.export_posterior(adata, use_quantiles=True, add_to_obsm=["means", "stds", "q05", "q50", "q95"])
+    assert "q50_cell_abundance_w_sf" in adata.obsm
+    assert list(adata.obsm["q50_cell_abundance_w_sf"].columns)[0] == f"q50cell_abundance_w_sf_{types[0]}"
+    with pytest.raises(InputError, match="unknown summary"):
+        mod.export_posterior(adata, add_to_obsm=["median"], use_quantiles=True)
+    other, _, _ = make_tiny(n_obs=30)
+    with pytest.raises(InputError, match="spots"):
+        mod.export_posterior(other, use_quantiles=True)
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    adata, sig, _ = tiny
+    mod = fitted(adata, sig, steps=20)
+    q = mod.posterior_quantile(0.05)
+    mod.save(tmp_path / "model")
+    with pytest.raises(FileExistsError):
+        mod.save(tmp_path / "model")
+    loaded = Cell2location.load(tmp_path / "model", adata)
+    for k, v in mod.guide.state_dict().items():  # no training step ran on load
+        torch.testing.assert_close(loaded.guide.state_dict()[k], v, rtol=0, atol=0)
+    q2 = loaded.posterior_quantile(0.05)
+    for site in q:
+        np.testing.assert_array_equal(q[site], q2[site])
+    assert loaded.history_["elbo_train"]["elbo_train"].tolist() == mod.history_["elbo_train"]["elbo_train"].tolist()
+    assert loaded.is_trained_
+    torch.testing.assert_close(loaded.module.detection_mean, mod.module.detection_mean)
+    loaded.export_posterior(adata, use_quantiles=True)
+    with pytest.raises(FileNotFoundError):
+        Cell2location.load(tmp_path / "nothing", adata)
+
+
+def test_expected_counts_and_qc_plot(tiny):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    adata, sig, _ = tiny
+    mod = fitted(adata, sig, steps=30)
+    mod.export_posterior(adata, sample_kwargs={"num_samples": 30})
+    exp = mod.compute_expected()
+    assert exp["mu"].shape == (adata.n_obs, mod.n_vars)
+    X = adata.X.toarray()
+    assert np.corrcoef(np.log1p(exp["mu"]).ravel(), np.log1p(X).ravel())[0, 1] > 0.5
+    per_type = mod.compute_expected_per_cell_type()
+    assert len(per_type["mu"]) == sig.shape[1]
+    total = sum(m.toarray() for m in per_type["mu"])
+    assert np.all(total <= X + 1e-3)  # the cell types share the observed counts (background takes the rest)
+    fig = mod.plot_QC()
+    assert len(fig.axes) >= 2
+    ax = mod.plot_history()
+    assert len(ax.lines) == 1
