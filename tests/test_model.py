@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny
 
+from conftest import make_tiny
 from napari_cell2location import Cell2location
 from napari_cell2location.io import InputError
 from napari_cell2location.model import (

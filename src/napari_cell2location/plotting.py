@@ -105,8 +105,9 @@ def plot_spatial_abundance(coords, values, image=None, ax=None, title=None, spot
     coords = np.asarray(coords, dtype=float)
     values = np.asarray(values, dtype=float)
     vmax = np.percentile(values, 99) if values.size else 1.0
-    sc = ax.scatter(coords[:, 0], coords[:, 1], c=values, s=spot_size, cmap=cmap, vmin=0, vmax=vmax or 1.0,
-                    edgecolors="none")
+    sc = ax.scatter(
+        coords[:, 0], coords[:, 1], c=values, s=spot_size, cmap=cmap, vmin=0, vmax=vmax or 1.0, edgecolors="none"
+    )
     ax.figure.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
     if image is None:
         ax.invert_yaxis()

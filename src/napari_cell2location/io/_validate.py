@@ -311,7 +311,9 @@ def prepare_inputs(
     nonzero_genes = totals > 0
     n_zero = int((~nonzero_genes).sum())
     if n_zero:
-        logger.info("dropping %d genes with zero counts in every spot: %s", n_zero, _preview(var_names[var_idx][~nonzero_genes]))
+        logger.info(
+            "dropping %d genes with zero counts in every spot: %s", n_zero, _preview(var_names[var_idx][~nonzero_genes])
+        )
         var_idx = var_idx[nonzero_genes]
         X = X[:, nonzero_genes]
     report["n_genes_zero_dropped"] = n_zero

@@ -78,7 +78,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise InputError(f"unsupported device {str(device)!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {str(device)!r} was requested but CUDA is not available here; use 'cpu' or 'auto'.")
+            raise InputError(
+                f"device {str(device)!r} was requested but CUDA is not available here; use 'cpu' or 'auto'."
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) present.")
     elif dev.type != "cpu":
@@ -213,7 +215,11 @@ class Cell2location:
         self._summary = None
         logger.info(
             "Cell2location: %d spots x %d genes, %d cell types, %d batch(es), model %s",
-            self.n_obs, self.n_vars, self.n_factors, self.n_batch, model_class.__name__,
+            self.n_obs,
+            self.n_vars,
+            self.n_factors,
+            self.n_batch,
+            model_class.__name__,
         )
 
     # ------------------------------------------------------------------ set-up
@@ -477,8 +483,9 @@ class Cell2location:
         for i in range(0, self.n_obs, size):
             yield torch.arange(i, min(i + size, self.n_obs), device=self.device)
 
-    def posterior_quantile(self, q: float = 0.5, batch_size: int | None = None, use_median: bool = False,
-                           exclude_vars: list | None = None) -> dict:
+    def posterior_quantile(
+        self, q: float = 0.5, batch_size: int | None = None, use_median: bool = False, exclude_vars: list | None = None
+    ) -> dict:
         """Quantile ``q`` of every latent site, exactly from the guide (no sampling).
 
         Parameters
@@ -603,9 +610,7 @@ class Cell2location:
             for k, d in collected.items()
         }
         if return_samples:
-            out["posterior_samples"] = {
-                s: np.concatenate(v, axis=1) if len(v) > 1 else v[0] for s, v in raw.items()
-            }
+            out["posterior_samples"] = {s: np.concatenate(v, axis=1) if len(v) > 1 else v[0] for s, v in raw.items()}
         return out
 
     def export_posterior(
@@ -846,4 +851,3 @@ class Cell2location:
             f"Cell2location({self.module.__class__.__name__}, n_obs={self.n_obs}, n_vars={self.n_vars}, "
             f"n_factors={self.n_factors}, n_batch={self.n_batch}, trained={self.is_trained_})"
         )
-

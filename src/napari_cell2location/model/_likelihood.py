@@ -106,7 +106,7 @@ class NegativeBinomialCounts(TorchDistribution):
         total = per_obs + dense + a_log_a - pattern.lgamma_x_plus_1
         return total.unsqueeze(-1)  # (n_obs, 1)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         alpha, _ = self._alpha_rows()
-        rate = torch.distributions.Gamma(alpha.expand_as(self.mu), alpha / self.mu).sample(sample_shape)
+        rate = torch.distributions.Gamma(alpha.expand_as(self.mu), alpha / self.mu).sample(torch.Size(sample_shape))
         return torch.poisson(rate)

@@ -75,8 +75,9 @@ class _LocationModelBase(PyroModule):
         self.n_obs, self.n_vars, self.n_factors, self.n_batch = int(n_obs), int(n_vars), int(n_factors), int(n_batch)
         cell_state_mat = np.asarray(cell_state_mat, dtype=np.float32)
         if cell_state_mat.shape != (self.n_vars, self.n_factors):
-            raise ValueError(f"cell_state_mat must be (n_vars, n_factors) = {(n_vars, n_factors)}, "
-                             f"got {cell_state_mat.shape}")
+            raise ValueError(
+                f"cell_state_mat must be (n_vars, n_factors) = {(n_vars, n_factors)}, got {cell_state_mat.shape}"
+            )
         self.alpha_g_phi_hyp_prior = dict(alpha_g_phi_hyp_prior or _ALPHA_G_PHI_HYP)
         self.gene_add_alpha_hyp_prior = dict(gene_add_alpha_hyp_prior or _GENE_ADD_ALPHA_HYP)
         self.gene_add_mean_hyp_prior = dict(gene_add_mean_hyp_prior or _GENE_ADD_MEAN_HYP)
@@ -86,7 +87,9 @@ class _LocationModelBase(PyroModule):
         self.A_factors_per_location = float(A_factors_per_location)
 
         self.register_buffer("cell_state", torch.from_numpy(cell_state_mat.T.copy()))  # (F, G)
-        self.register_buffer("N_cells_per_location", _as_column(N_cells_per_location, self.n_obs, "N_cells_per_location"))
+        self.register_buffer(
+            "N_cells_per_location", _as_column(N_cells_per_location, self.n_obs, "N_cells_per_location")
+        )
         self.register_buffer("detection_mean", _as_column(detection_mean, self.n_batch, "detection_mean"))
         self.register_buffer("detection_alpha", _as_column(detection_alpha, self.n_batch, "detection_alpha"))
         self._pattern_key = None
@@ -124,15 +127,15 @@ class _LocationModelBase(PyroModule):
         det_alpha = self.detection_hyp_prior["mean_alpha"]
         detection_mean_y_e = pyro.sample(
             "detection_mean_y_e",
-            dist.Gamma(self._const(det_alpha) * torch.ones_like(self.detection_mean),
-                       self._const(det_alpha) / self.detection_mean).to_event(2),
+            dist.Gamma(
+                self._const(det_alpha) * torch.ones_like(self.detection_mean),
+                self._const(det_alpha) / self.detection_mean,
+            ).to_event(2),
         )  # (E, 1)
         detection_hyp_prior_alpha = pyro.deterministic("detection_hyp_prior_alpha", self.detection_alpha)  # (E, 1)
         with obs_plate:
             a_s = detection_hyp_prior_alpha[batch]  # (B, 1)
-            detection_y_s = pyro.sample(
-                "detection_y_s", dist.Gamma(a_s, a_s / detection_mean_y_e[batch])
-            )  # (B, 1)
+            detection_y_s = pyro.sample("detection_y_s", dist.Gamma(a_s, a_s / detection_mean_y_e[batch]))  # (B, 1)
         hyp = self.gene_add_alpha_hyp_prior
         s_g_gene_add_alpha_hyp = pyro.sample(
             "s_g_gene_add_alpha_hyp",
@@ -345,9 +348,21 @@ class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGen
         dropout_p=0.0,
     ):
         super().__init__(
-            n_obs, n_vars, n_factors, n_batch, cell_state_mat, detection_mean, detection_alpha,
-            N_cells_per_location, A_factors_per_location, N_cells_mean_var_ratio, alpha_g_phi_hyp_prior,
-            gene_add_alpha_hyp_prior, gene_add_mean_hyp_prior, detection_hyp_prior, w_sf_mean_var_ratio,
+            n_obs,
+            n_vars,
+            n_factors,
+            n_batch,
+            cell_state_mat,
+            detection_mean,
+            detection_alpha,
+            N_cells_per_location,
+            A_factors_per_location,
+            N_cells_mean_var_ratio,
+            alpha_g_phi_hyp_prior,
+            gene_add_alpha_hyp_prior,
+            gene_add_mean_hyp_prior,
+            detection_hyp_prior,
+            w_sf_mean_var_ratio,
         )
         self.n_groups = int(n_groups)
         self.m_g_gene_level_prior = {**_M_G_PRIOR, **(m_g_gene_level_prior or {})}
@@ -388,16 +403,12 @@ class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGen
         # cell abundance hierarchy: cells per spot, groups per spot, group loadings
         r_n = self._const(self.N_cells_mean_var_ratio)
         with obs_plate as ind:
-            n_s = pyro.sample(
-                "n_s_cells_per_location", dist.Gamma(self.N_cells_per_location[ind] * r_n, r_n)
-            )  # (B, 1)
+            n_s = pyro.sample("n_s_cells_per_location", dist.Gamma(self.N_cells_per_location[ind] * r_n, r_n))  # (B, 1)
             b_s = pyro.sample(
                 "b_s_groups_per_location",
                 dist.Gamma(self._const(self.B_groups_per_location), self._const(1.0)).expand([len(ind), 1]),
             )  # (B, 1)
-            z_sr = pyro.sample(
-                "z_sr_groups_factors", dist.Gamma(b_s / R, b_s / n_s).expand([len(ind), R])
-            )  # (B, R)
+            z_sr = pyro.sample("z_sr_groups_factors", dist.Gamma(b_s / R, b_s / n_s).expand([len(ind), R]))  # (B, R)
         k_r = pyro.sample(
             "k_r_factors_per_groups",
             dist.Gamma(self._const(self.A_factors_per_location / self.B_groups_per_location), self._const(1.0))
@@ -445,9 +456,21 @@ class LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel(
         w_sf_mean_var_ratio=5.0,
     ):
         super().__init__(
-            n_obs, n_vars, n_factors, n_batch, cell_state_mat, detection_mean, detection_alpha,
-            N_cells_per_location, A_factors_per_location, N_cells_mean_var_ratio, alpha_g_phi_hyp_prior,
-            gene_add_alpha_hyp_prior, gene_add_mean_hyp_prior, detection_hyp_prior, w_sf_mean_var_ratio,
+            n_obs,
+            n_vars,
+            n_factors,
+            n_batch,
+            cell_state_mat,
+            detection_mean,
+            detection_alpha,
+            N_cells_per_location,
+            A_factors_per_location,
+            N_cells_mean_var_ratio,
+            alpha_g_phi_hyp_prior,
+            gene_add_alpha_hyp_prior,
+            gene_add_mean_hyp_prior,
+            detection_hyp_prior,
+            w_sf_mean_var_ratio,
         )
         self.n_groups = int(n_groups)
         self.m_g_gene_level_prior = {**_M_G_PRIOR, **(m_g_gene_level_prior or {})}
@@ -475,17 +498,13 @@ class LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel(
 
         N = self.N_cells_per_location[0, 0]
         r_n = self._const(self.N_cells_mean_var_ratio)
-        n_cells = pyro.sample(
-            "n_cells_per_location", dist.Gamma(N * r_n, r_n).expand([1, 1]).to_event(2)
-        )  # (1, 1)
+        n_cells = pyro.sample("n_cells_per_location", dist.Gamma(N * r_n, r_n).expand([1, 1]).to_event(2))  # (1, 1)
         a_factors = pyro.sample(
             "a_factors_per_location",
             dist.Gamma(self._const(self.A_factors_per_location), self._const(1.0)).expand([1, 1]).to_event(2),
         )  # (1, 1)
         with obs_plate as ind:
-            w_sf = pyro.sample(
-                "w_sf", dist.Gamma(a_factors / F, a_factors / n_cells).expand([len(ind), F])
-            )  # (B, F)
+            w_sf = pyro.sample("w_sf", dist.Gamma(a_factors / F, a_factors / n_cells).expand([len(ind), F]))  # (B, F)
 
         detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
         mu = self._likelihood(obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse)
@@ -522,9 +541,21 @@ class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoM
         w_sf_mean_var_ratio=5.0,
     ):
         super().__init__(
-            n_obs, n_vars, n_factors, n_batch, cell_state_mat, detection_mean, detection_alpha,
-            N_cells_per_location, A_factors_per_location, N_cells_mean_var_ratio, alpha_g_phi_hyp_prior,
-            gene_add_alpha_hyp_prior, gene_add_mean_hyp_prior, detection_hyp_prior, w_sf_mean_var_ratio,
+            n_obs,
+            n_vars,
+            n_factors,
+            n_batch,
+            cell_state_mat,
+            detection_mean,
+            detection_alpha,
+            N_cells_per_location,
+            A_factors_per_location,
+            N_cells_mean_var_ratio,
+            alpha_g_phi_hyp_prior,
+            gene_add_alpha_hyp_prior,
+            gene_add_mean_hyp_prior,
+            detection_hyp_prior,
+            w_sf_mean_var_ratio,
         )
         self.n_groups = int(n_groups)
         self.Y_groups_per_location = float(Y_groups_per_location)
@@ -547,9 +578,7 @@ class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoM
 
         r_n = self._const(self.N_cells_mean_var_ratio)
         with obs_plate as ind:
-            n_s = pyro.sample(
-                "n_s_cells_per_location", dist.Gamma(self.N_cells_per_location[ind] * r_n, r_n)
-            )  # (B, 1)
+            n_s = pyro.sample("n_s_cells_per_location", dist.Gamma(self.N_cells_per_location[ind] * r_n, r_n))  # (B, 1)
             y_s = pyro.sample(
                 "y_s_groups_per_location",
                 dist.Gamma(self._const(self.Y_groups_per_location), self._const(1.0)).expand([len(ind), 1]),

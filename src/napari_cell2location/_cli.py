@@ -1,0 +1,239 @@
+"""Command line: ``napari-cell2location fit | demo``.
+
+``fit`` runs the headless pipeline on a file; ``demo --headless`` runs it on the built-in
+synthetic section and writes results and a PNG map. Bad input exits non-zero with a one-line
+reason (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("napari_cell2location")
+
+MODEL_CHOICES = {
+    "main": "LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel",
+    "no-factorisation": "LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel",
+    "no-mg": "LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel",
+}
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_fit_options(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    p.add_argument(
+        "--n-cells-per-location",
+        type=_positive_float,
+        default=8.0,
+        help="expected cells per spot (count nuclei on the histology; default 8)",
+    )
+    p.add_argument(
+        "--detection-alpha",
+        type=_positive_float,
+        default=20.0,
+        help="regularisation of per-spot sensitivity: 20 (weak, default) or 200 (strong)",
+    )
+    p.add_argument("--max-epochs", type=_positive_int, default=epochs, help=f"training epochs (default {epochs})")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="spots per minibatch (default: all spots at once)"
+    )
+    p.add_argument("--lr", type=_positive_float, default=lr, help=f"learning rate (default {lr})")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    p.add_argument("--model", choices=sorted(MODEL_CHOICES), default="main", help="model variant")
+    p.add_argument(
+        "--num-samples", type=_positive_int, default=1000, help="posterior samples for the summaries (default 1000)"
+    )
+    p.add_argument(
+        "--use-quantiles",
+        action="store_true",
+        help="summaries straight from the guide (exact quantiles, no sampling; low memory)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-cell2location",
+        description="Map reference cell types onto spatial transcriptomics spots with Cell2location.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="fit Cell2location to a spatial dataset and write abundances")
+    fit.add_argument("spatial", help="spatial counts: .h5ad or SpatialData .zarr")
+    fit.add_argument(
+        "--signatures",
+        required=True,
+        help="reference signatures: CSV (genes x cell types) or .h5ad with varm['means_per_cluster_mu_fg']",
+    )
+    fit.add_argument("--out", required=True, help="output .h5ad or .zarr")
+    fit.add_argument("--batch-key", default=None, help="column of obs with the sample/section of each spot")
+    fit.add_argument("--layer", default=None, help="layer with raw counts (default X)")
+    fit.add_argument("--table-key", default=None, help="SpatialData table to use (default 'table')")
+    fit.add_argument("--save-model", default=None, help="also save the trained model to this folder")
+    _add_fit_options(fit, epochs=30000, lr=0.002)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic Visium section")
+    demo.add_argument("--headless", action="store_true", help="no GUI: fit, then write results and a PNG map")
+    demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    demo.add_argument("--n-spots", type=_positive_int, default=600, help="spots in the synthetic section")
+    demo.add_argument("--n-genes", type=_positive_int, default=1000, help="genes in the synthetic section")
+    demo.add_argument("--n-cell-types", type=_positive_int, default=15, help="cell types")
+    _add_fit_options(demo, epochs=1500, lr=0.01)
+    return parser
+
+
+def _progress_fit(mod, args) -> None:
+    mod.train(
+        max_epochs=args.max_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        progress_bar=not args.quiet,
+    )
+
+
+def _fit_and_export(adata, signatures, args, batch_key):
+    from .model import Cell2location
+
+    Cell2location.setup_anndata(adata, batch_key=batch_key, layer=getattr(args, "layer", None))
+    mod = Cell2location(
+        adata,
+        signatures,
+        model_class=MODEL_CHOICES[args.model],
+        N_cells_per_location=args.n_cells_per_location,
+        detection_alpha=args.detection_alpha,
+    )
+    _progress_fit(mod, args)
+    add = ["means", "stds", "q05", "q50", "q95"]
+    mod.export_posterior(
+        adata,
+        sample_kwargs={"num_samples": args.num_samples},
+        add_to_obsm=add,
+        use_quantiles=args.use_quantiles,
+    )
+    return mod
+
+
+def cmd_fit(args) -> int:
+    from .io import read_signatures, read_spatial, write_results
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".h5ad", ".zarr"):
+        raise CLIError(f"--out must end in .h5ad or .zarr, got {args.out!r}")
+    adata, sdata = read_spatial(args.spatial, table_key=args.table_key)
+    signatures = read_signatures(args.signatures)
+    mod = _fit_and_export(adata, signatures, args, args.batch_key)
+    write_results(adata, out, sdata=sdata)
+    if args.save_model:
+        mod.save(args.save_model, overwrite=True)
+    print(
+        f"wrote {out} ({adata.n_obs} spots x {mod.n_factors} cell types; obsm: "
+        f"{', '.join(k for k in adata.obsm if k.endswith('_cell_abundance_w_sf'))})"
+    )
+    return 0
+
+
+def abundance_figure(adata, image, scalefactor: float, factor_names, truth=None, n_panels: int = 6):
+    """Figure of q05 abundance of the most abundant cell types over the histology (and the truth)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .plotting import plot_spatial_abundance
+
+    q05 = adata.obsm["q05_cell_abundance_w_sf"]
+    order = np.argsort(-q05.to_numpy().mean(0))[:n_panels]
+    rows = 2 if truth is not None else 1
+    fig, axes = plt.subplots(rows, len(order), figsize=(3.2 * len(order), 2.6 * rows), squeeze=False)
+    xy = np.asarray(adata.obsm["spatial"], dtype=float) * scalefactor
+    for j, f in enumerate(order):
+        name = factor_names[f]
+        plot_spatial_abundance(
+            xy, q05.iloc[:, f].to_numpy(), image=image, ax=axes[0, j], spot_size=6, title=f"{name}: q05 estimate"
+        )
+        if truth is not None:
+            plot_spatial_abundance(
+                xy, truth[name].to_numpy(), image=image, ax=axes[1, j], spot_size=6, title=f"{name}: truth"
+            )
+    fig.tight_layout()
+    return fig
+
+
+def cmd_demo(args) -> int:
+    if not args.headless:
+        raise CLIError("the napari demo arrives with the plugin's widgets; run `napari-cell2location demo --headless`")
+    import numpy as np
+
+    from .datasets import synthetic_visium
+    from .io import write_results
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = synthetic_visium(n_spots=args.n_spots, n_genes=args.n_genes, n_cell_types=args.n_cell_types, seed=args.seed)
+    sdata = data.to_spatialdata()
+    adata = sdata.tables["table"]
+    logger.info(
+        "synthetic section: %d spots x %d genes, %d cell types", adata.n_obs, adata.n_vars, data.signatures.shape[1]
+    )
+    mod = _fit_and_export(adata, data.signatures, args, "batch")
+    truth = data.truth["cell_abundance"].loc[adata.obs_names]
+    est = adata.obsm["means_cell_abundance_w_sf"].to_numpy()
+    r = float(np.corrcoef(est.ravel(), truth.to_numpy().ravel())[0, 1])
+    ratio = float(est.sum(1).mean() / truth.to_numpy().sum(1).mean())
+    write_results(adata, out / "results.zarr", sdata=sdata)
+    mod.save(out / "model", overwrite=True)
+    fig = abundance_figure(adata, data.image, data.scalefactors["tissue_hires_scalef"], mod.factor_names_, truth)
+    fig.savefig(out / "abundance_map.png", dpi=110)
+    qc = mod.plot_QC()
+    qc.savefig(out / "qc.png", dpi=100)
+    elapsed = time.perf_counter() - t0
+    print(
+        f"demo finished in {elapsed:.0f} s: Pearson r(estimated, true abundance) = {r:.3f}, "
+        f"total cells estimated / true = {ratio:.2f}"
+    )
+    print(f"wrote {out / 'results.zarr'}, {out / 'abundance_map.png'}, {out / 'qc.png'}, {out / 'model'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
+    handlers = {"fit": cmd_fit, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        print(f"napari-cell2location {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("napari-cell2location: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

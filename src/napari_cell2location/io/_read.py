@@ -1,0 +1,501 @@
+"""Reading inputs and writing results: the AnnData / SpatialData file boundary.
+
+Nothing here imports Qt or napari. ``anndata`` and ``spatialdata`` are imported inside the
+functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
+    import spatialdata
+
+logger = logging.getLogger(__name__)
+
+#: varm key / column prefix of reference signatures written by the original cell2location
+REFERENCE_VARM_KEY = "means_per_cluster_mu_fg"
+_REFERENCE_PREFIX = f"{REFERENCE_VARM_KEY}_"
+
+_TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+_COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zip", ".xz", ".zst"}
+
+
+def _existing_path(path: str | os.PathLike, what: str) -> Path:
+    """Return ``path`` as a :class:`~pathlib.Path`, raising ``ValueError`` if nothing is there."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"{what} path {str(path)!r} does not exist.")
+    return path
+
+
+def _format_suffix(path: Path) -> str:
+    """Return the lower-case format suffix of ``path``, looking through a compression suffix.
+
+    ``sig.csv.gz`` gives ``'.csv'``; ``data.zarr/`` gives ``'.zarr'``.
+    """
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in _COMPRESSION_SUFFIXES:
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
+# --------------------------------------------------------------------------------------------
+# signatures
+# --------------------------------------------------------------------------------------------
+
+
+def read_signatures(path: str | os.PathLike) -> pd.DataFrame:
+    """Read reference expression signatures (genes x cell types).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        One of
+
+        - a ``.csv`` / ``.tsv`` / ``.txt`` table (optionally compressed, e.g. ``.csv.gz``) whose
+          first column holds gene names and whose other columns hold one cell type each
+          (rows are genes);
+        - an ``.h5ad`` file written by cell2location's reference model: signatures in
+          ``varm['means_per_cluster_mu_fg']`` (a DataFrame with columns
+          ``'means_per_cluster_mu_fg_{cell_type}'``, or an array whose column names are
+          ``uns['mod']['factor_names']``), or in ``var`` columns with that prefix.
+
+    Returns
+    -------
+    pandas.DataFrame
+        (n_genes, n_cell_types) float64 signatures, indexed by gene name (str), columns are the
+        cell-type names (str) without any prefix.
+
+    Raises
+    ------
+    ValueError
+        If the path does not exist, has an unknown extension, or holds no signatures.
+    """
+    path = _existing_path(path, "Signatures")
+    suffix = _format_suffix(path)
+    if path.is_dir():
+        raise ValueError(
+            f"Signatures path {str(path)!r} is a directory; expected a .csv/.tsv table (genes x cell types) "
+            f"or a cell2location reference .h5ad."
+        )
+    if suffix in _TABLE_SUFFIXES:
+        df = _read_signature_table(path, sep=_TABLE_SUFFIXES[suffix])
+    elif suffix == ".h5ad":
+        df = _read_signature_h5ad(path)
+    else:
+        raise ValueError(
+            f"Cannot read signatures from {str(path)!r}: unknown extension {suffix or '(none)'!r}. "
+            f"Expected one of .csv, .tsv, .txt (genes x cell types, gene names in the first column) "
+            f"or .h5ad (cell2location reference with varm[{REFERENCE_VARM_KEY!r}])."
+        )
+    df.index = df.index.astype(str)
+    df.columns = df.columns.astype(str)
+    df.index.name = None
+    df.columns.name = None
+    if df.shape[0] < df.shape[1]:
+        logger.warning(
+            "Signatures from %s have fewer rows (%d) than columns (%d); rows must be genes and columns "
+            "cell types. Transpose the file if it is the other way round.",
+            path,
+            df.shape[0],
+            df.shape[1],
+        )
+    logger.info("Read signatures of %d genes x %d cell types from %s", df.shape[0], df.shape[1], path)
+    return df
+
+
+def _to_float_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Coerce every column of ``df`` to float64, naming the columns that are not numeric."""
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise ValueError(f"Signatures in {source} are empty (shape {df.shape}); expected genes x cell types.")
+    bad = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        shown = ", ".join(repr(c) for c in bad[:5])
+        raise ValueError(
+            f"Signatures in {source} have non-numeric column(s) {shown}{' ...' if len(bad) > 5 else ''}. "
+            f"Expected gene names in the first column and one numeric column per cell type."
+        )
+    return df.astype(np.float64)
+
+
+def _read_signature_table(path: Path, sep: str) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, sep=sep, index_col=0)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"Cannot parse signatures table {str(path)!r}: {err}") from err
+    return _to_float_frame(df, repr(str(path)))
+
+
+def _strip_prefix(names, prefix: str) -> list[str]:
+    return [n[len(prefix) :] if n.startswith(prefix) else n for n in map(str, names)]
+
+
+def _order_by_factor_names(df: pd.DataFrame, factor_names) -> pd.DataFrame:
+    """Put columns in ``factor_names`` order when those names match the columns exactly."""
+    if factor_names is None:
+        return df
+    names = [str(n) for n in np.asarray(factor_names).ravel()]
+    if sorted(names) == sorted(df.columns) and len(set(names)) == len(names):
+        return df[names]
+    return df
+
+
+def _read_signature_h5ad(path: Path) -> pd.DataFrame:
+    import anndata
+
+    adata = anndata.read_h5ad(path)
+    source = repr(str(path))
+    mod = adata.uns.get("mod", {})
+    factor_names = mod.get("factor_names") if isinstance(mod, Mapping) else None
+
+    if REFERENCE_VARM_KEY in adata.varm:
+        value = adata.varm[REFERENCE_VARM_KEY]
+        if isinstance(value, pd.DataFrame):
+            df = value.copy()
+            df.columns = _strip_prefix(df.columns, _REFERENCE_PREFIX)
+        else:
+            matrix = np.asarray(value.toarray() if hasattr(value, "toarray") else value)
+            if factor_names is None:
+                raise ValueError(
+                    f"{source} holds varm[{REFERENCE_VARM_KEY!r}] as an array but no uns['mod']['factor_names'] "
+                    f"to name its columns (cell types)."
+                )
+            names = [str(n) for n in np.asarray(factor_names).ravel()]
+            if len(names) != matrix.shape[1]:
+                raise ValueError(
+                    f"{source}: varm[{REFERENCE_VARM_KEY!r}] has {matrix.shape[1]} columns but "
+                    f"uns['mod']['factor_names'] has {len(names)} names."
+                )
+            df = pd.DataFrame(matrix, columns=_strip_prefix(names, _REFERENCE_PREFIX))
+        df.index = adata.var_names
+        df = _order_by_factor_names(df, factor_names)
+        return _to_float_frame(df, f"{source} varm[{REFERENCE_VARM_KEY!r}]")
+
+    var_columns = [c for c in adata.var.columns if str(c).startswith(_REFERENCE_PREFIX)]
+    if var_columns:
+        df = adata.var[var_columns].copy()
+        df.columns = _strip_prefix(df.columns, _REFERENCE_PREFIX)
+        df = _order_by_factor_names(df, factor_names)
+        return _to_float_frame(df, f"{source} var[{_REFERENCE_PREFIX}*]")
+
+    raise ValueError(
+        f"{source} holds no reference signatures: expected varm[{REFERENCE_VARM_KEY!r}] (columns "
+        f"'{_REFERENCE_PREFIX}{{cell_type}}', as written by cell2location's RegressionModel.export_posterior) "
+        f"or var columns starting with {_REFERENCE_PREFIX!r}. varm holds {list(adata.varm.keys())}. "
+        f"For a plain genes x cell types table, save it as .csv."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# spatial data
+# --------------------------------------------------------------------------------------------
+
+
+def _zarr_encoding_type(path: Path) -> str | None:
+    """Return the root group's ``encoding-type`` attribute of a zarr store (``'anndata'`` for AnnData)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # noqa: BLE001 - any failure means "not a readable zarr group"
+        raise ValueError(f"{str(path)!r} is not a readable zarr store: {err}") from err
+    return group.attrs.get("encoding-type")
+
+
+def _looks_like_zarr(path: Path) -> bool:
+    return any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zattrs"))
+
+
+def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None) -> str:
+    """Return the name of the table to use from ``sdata``.
+
+    Parameters
+    ----------
+    sdata : spatialdata.SpatialData
+        The spatial dataset.
+    table_key : str, optional
+        Name of the table. ``None`` picks ``'table'`` if present, else the only table.
+
+    Returns
+    -------
+    str
+        A key of ``sdata.tables``.
+
+    Raises
+    ------
+    ValueError
+        If ``table_key`` is not a table, or no table can be chosen unambiguously.
+    """
+    keys = list(sdata.tables.keys())
+    if table_key is not None:
+        if table_key not in sdata.tables:
+            raise ValueError(f"table_key {table_key!r} is not a table of this SpatialData; tables present: {keys}.")
+        return table_key
+    if not keys:
+        raise ValueError("This SpatialData has no table (AnnData of counts); nothing to fit.")
+    if "table" in sdata.tables:
+        return "table"
+    if len(keys) == 1:
+        return keys[0]
+    raise ValueError(f"This SpatialData has several tables {keys}; pass table_key= to choose one.")
+
+
+def read_spatial(
+    path: str | os.PathLike, table_key: str | None = None
+) -> tuple[anndata.AnnData, spatialdata.SpatialData | None]:
+    """Read spatial counts from an ``.h5ad`` file or a ``.zarr`` store.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An AnnData ``.h5ad`` file, a SpatialData ``.zarr`` directory, or an AnnData ``.zarr``
+        directory (as written by :func:`write_results` without ``sdata``).
+    table_key : str, optional
+        For SpatialData: the table holding the counts. ``None`` picks ``'table'`` if present,
+        else the only table.
+
+    Returns
+    -------
+    adata : anndata.AnnData
+        The (n_obs, n_vars) counts table. For SpatialData it is the table object itself, so
+        results written into it land in ``sdata``.
+    sdata : spatialdata.SpatialData or None
+        The whole dataset (images, shapes, tables), or ``None`` for AnnData inputs.
+
+    Raises
+    ------
+    ValueError
+        If the path does not exist, its format is unknown, or no table can be chosen.
+    """
+    path = _existing_path(path, "Spatial data")
+    suffix = _format_suffix(path)
+
+    if suffix == ".h5ad" and path.is_file():
+        import anndata
+
+        adata = anndata.read_h5ad(path)
+        logger.info("Read AnnData %s from %s", adata.shape, path)
+        return adata, None
+
+    if path.is_dir() and (suffix == ".zarr" or _looks_like_zarr(path)):
+        if _zarr_encoding_type(path) == "anndata":
+            import anndata
+
+            adata = anndata.read_zarr(path)
+            logger.info("Read AnnData %s from zarr store %s", adata.shape, path)
+            return adata, None
+
+        import spatialdata
+
+        try:
+            sdata = spatialdata.read_zarr(path)
+        except Exception as err:  # noqa: BLE001 - re-raised with the path and what was expected
+            raise ValueError(f"Cannot read {str(path)!r} as a SpatialData zarr store: {err}") from err
+        key = pick_table(sdata, table_key)
+        adata = sdata.tables[key]
+        logger.info("Read SpatialData from %s; using table %r %s", path, key, adata.shape)
+        return adata, sdata
+
+    hint = ""
+    if path.is_dir() and any(
+        (path / name).exists() for name in ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix", "spatial")
+    ):
+        hint = (
+            " It looks like a Space Ranger output folder: convert it to SpatialData first "
+            "(e.g. spatialdata_io.visium) and write it as .zarr."
+        )
+    raise ValueError(
+        f"Cannot read spatial data from {str(path)!r}: unknown format. Expected an AnnData .h5ad file "
+        f"or a SpatialData (or AnnData) .zarr directory.{hint}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+
+
+def _h5ad_safe(value: Any, where: str = "uns") -> Any:
+    """Return ``value`` converted to types that AnnData can write to h5ad and zarr.
+
+    Dicts are converted recursively (keys become str); tuples and lists become numpy arrays
+    (str arrays when not all numeric); object arrays become str arrays; dates and paths become
+    ISO / plain strings; torch tensors become numpy arrays. ``None``, numbers, strings, numpy
+    arrays, DataFrames and sparse matrices are kept as they are.
+    """
+    if value is None or isinstance(value, (str, bool, int, float, np.generic, pd.DataFrame)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _h5ad_safe(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return np.asarray([("" if v is None else str(v)) for v in value.ravel()], dtype=str).reshape(value.shape)
+        return value
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            return np.array([], dtype=str)
+        if all(isinstance(v, (bool, int, float, np.number, np.bool_)) for v in value):
+            return np.asarray(value)
+        if all(isinstance(v, (np.ndarray, list, tuple)) for v in value):
+            try:
+                arr = np.asarray(value)
+            except ValueError:
+                arr = None
+            if arr is not None and arr.dtype != object:
+                return arr
+            return {str(i): _h5ad_safe(v, f"{where}[{i}]") for i, v in enumerate(value)}
+        if all(isinstance(v, Mapping) for v in value):
+            return {str(i): _h5ad_safe(v, f"{where}[{i}]") for i, v in enumerate(value)}
+        return np.asarray([("" if v is None else str(v)) for v in value], dtype=str)
+    if hasattr(value, "tocsr") or isinstance(value, pd.Series):
+        return value if not isinstance(value, pd.Series) else value.to_numpy()
+    logger.warning("%s: %s cannot be written to h5ad/zarr; storing its str() instead.", where, type(value).__name__)
+    return str(value)
+
+
+@contextmanager
+def _safe_uns(adata: anndata.AnnData):
+    """Temporarily replace ``adata.uns`` contents by writable equivalents; restore them afterwards."""
+    original = dict(adata.uns)
+    # spatialdata's own metadata is written by spatialdata as it is; leave it alone
+    safe = {k: v if k == "spatialdata_attrs" else _h5ad_safe(v, f"uns[{k!r}]") for k, v in original.items()}
+    try:
+        for key, value in safe.items():
+            adata.uns[key] = value
+        yield adata
+    finally:
+        for key in list(adata.uns.keys()):
+            if key not in original:
+                del adata.uns[key]
+        for key, value in original.items():
+            adata.uns[key] = value
+
+
+def _table_key_of(sdata: spatialdata.SpatialData, adata: anndata.AnnData, table_key: str | None) -> str:
+    if table_key is not None:
+        return table_key
+    for key, table in sdata.tables.items():
+        if table is adata:
+            return key
+    if "table" in sdata.tables or not sdata.tables:
+        return "table"
+    if len(sdata.tables) == 1:
+        return next(iter(sdata.tables))
+    raise ValueError(
+        f"The SpatialData has several tables {list(sdata.tables.keys())} and adata is none of them; "
+        f"pass table_key= to say which one to replace."
+    )
+
+
+def _same_path(a: Path, b: str | os.PathLike | None) -> bool:
+    if b is None:
+        return False
+    try:
+        return a.resolve() == Path(b).resolve()
+    except OSError:  # pragma: no cover - unresolvable paths are simply not the same
+        return False
+
+
+def write_results(
+    adata: anndata.AnnData,
+    out: str | os.PathLike,
+    sdata: spatialdata.SpatialData | None = None,
+    table_key: str | None = None,
+) -> Path:
+    """Write an AnnData holding cell2location results, alone or inside its SpatialData.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The (n_obs, n_vars) table with results in ``obsm`` and ``uns['mod']``. Values in
+        ``uns`` that h5py/zarr cannot store (dates, tuples, lists of mixed objects, object
+        arrays, tensors) are written as equivalent strings/arrays; ``adata`` itself is left
+        unchanged.
+    out : str or os.PathLike
+        Destination. ``*.h5ad``: ``adata.write_h5ad``. ``*.zarr``: with ``sdata``, the whole
+        SpatialData with its table replaced by ``adata`` (``SpatialData.write``); without it, an
+        AnnData zarr store. Parent folders are created; an existing ``out`` is overwritten.
+    sdata : spatialdata.SpatialData, optional
+        Dataset ``adata`` belongs to. Its table (``table_key``) is set to ``adata``. Ignored for
+        ``.h5ad`` output. When ``out`` is the store ``sdata`` was read from, only the table is
+        rewritten there.
+    table_key : str, optional
+        Table of ``sdata`` to replace. ``None``: the table that is ``adata``, else ``'table'``,
+        else the only table.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    ValueError
+        If ``out`` has an unknown extension.
+    """
+    out = Path(out).expanduser()
+    suffix = out.suffix.lower()
+    if suffix not in (".h5ad", ".zarr"):
+        raise ValueError(f"Cannot write results to {str(out)!r}: the path must end with .h5ad or .zarr.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    if suffix == ".h5ad":
+        if sdata is not None:
+            logger.info("Writing only the table to %s; images and shapes need a .zarr destination.", out)
+        with _safe_uns(adata):
+            adata.write_h5ad(out)
+        logger.info("Wrote results %s to %s", adata.shape, out)
+        return out
+
+    if sdata is None:
+        if out.exists():
+            _remove_store(out)
+        with _safe_uns(adata):
+            adata.write_zarr(out)
+        logger.info("Wrote results %s to AnnData zarr store %s", adata.shape, out)
+        return out
+
+    key = _table_key_of(sdata, adata, table_key)
+    previous = sdata.tables[key] if key in sdata.tables else None
+    if previous is not adata:
+        attrs_key = "spatialdata_attrs"
+        if previous is not None and attrs_key not in adata.uns and attrs_key in previous.uns:
+            adata.uns[attrs_key] = previous.uns[attrs_key]
+        sdata.tables[key] = adata
+    with _safe_uns(adata):
+        if _same_path(out, sdata.path):
+            if f"tables/{key}" in sdata.elements_paths_on_disk():
+                sdata.delete_element_from_disk(key)
+            sdata.write_element(key)
+            logger.info("Rewrote table %r in place in %s", key, out)
+        else:
+            sdata.write(out, overwrite=True)
+            logger.info("Wrote SpatialData with results in table %r to %s", key, out)
+    return out
+
+
+def _remove_store(path: Path) -> None:
+    """Remove an existing output store (a directory or file) before writing a new one."""
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -1,0 +1,162 @@
+"""Packaging: the napari manifest is found by npe2 (editable install and built wheel); the core imports without Qt."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+DIST_NAME = "napari-cell2location"
+ENTRY_POINT_VALUE = "napari_cell2location:napari.yaml"
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "napari.yaml"
+
+
+def _run_python(code: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    """Run ``code`` in a fresh interpreter and return its stdout; fail the test with stderr if it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_manifest_file_is_valid():
+    data = yaml.safe_load(MANIFEST.read_text())
+    assert data["name"] == DIST_NAME
+    packaged = REPO / "src" / "napari_cell2location" / "napari.yaml"
+    assert packaged.exists(), "src/napari_cell2location/napari.yaml (symlink to ../../napari.yaml) is missing"
+    assert packaged.resolve() == MANIFEST.resolve()
+
+
+def test_npe2_finds_manifest_from_installed_distribution():
+    import npe2
+
+    manifest = npe2.PluginManifest.from_distribution(DIST_NAME)
+    assert manifest.name == DIST_NAME
+    assert manifest.package_metadata is not None
+    import napari_cell2location
+
+    assert manifest.package_metadata.version == napari_cell2location.__version__
+
+
+def test_npe2_plugin_manager_discovers_plugin():
+    from npe2 import PluginManager
+
+    pm = PluginManager()
+    pm.discover(include_npe1=False)
+    manifest = pm.get_manifest(DIST_NAME)
+    assert manifest.name == DIST_NAME
+    assert DIST_NAME in {m.name for m in pm.iter_manifests()}
+
+
+@pytest.mark.slow
+def test_wheel_ships_manifest_and_npe2_finds_it(tmp_path):
+    dist = tmp_path / "dist"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir"]
+        + [str(REPO), "-w", str(dist)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout}\n{proc.stderr}"
+    wheels = sorted(dist.glob("napari_cell2location-*.whl"))
+    assert len(wheels) == 1, f"expected one wheel, found {[w.name for w in dist.iterdir()]}"
+    wheel = wheels[0]
+
+    # the manifest lies in the wheel as a real file (not a symlink) with the manifest's content
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert "napari_cell2location/napari.yaml" in names, names
+        info = zf.getinfo("napari_cell2location/napari.yaml")
+        mode = info.external_attr >> 16
+        assert not stat.S_ISLNK(mode), "napari.yaml is stored as a symlink in the wheel"
+        assert zf.read(info).decode() == MANIFEST.read_text()
+        (entry_points_name,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        entry_points = configparser.ConfigParser()
+        entry_points.read_string(zf.read(entry_points_name).decode())
+    assert entry_points["napari.manifest"][DIST_NAME] == ENTRY_POINT_VALUE
+    assert entry_points["console_scripts"][DIST_NAME] == "napari_cell2location._cli:main"
+
+    # installed from the wheel alone, npe2 discovers the manifest file that came in the wheel
+    target = tmp_path / "target"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"pip install --target failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (target / "napari_cell2location" / "napari.yaml").is_file()
+    assert not (target / "napari_cell2location" / "napari.yaml").is_symlink()
+
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = f"""
+        import json, sys
+        # hide the editable source tree so that only the wheel's copy can be found
+        src = {str(REPO / "src")!r}
+        sys.path[:] = [p for p in sys.path if not p.startswith(src)]
+        import npe2
+        from npe2 import PluginManager
+        import napari_cell2location
+
+        manifest = npe2.PluginManifest.from_distribution({DIST_NAME!r})
+        pm = PluginManager()
+        pm.discover(include_npe1=False)
+        discovered = pm.get_manifest({DIST_NAME!r})
+        print(json.dumps({{
+            "module": napari_cell2location.__file__,
+            "name": manifest.name,
+            "source": str(getattr(manifest, "_source_file", "") or ""),
+            "discovered_name": discovered.name,
+            "discovered_source": str(getattr(discovered, "_source_file", "") or ""),
+        }}))
+    """
+    out = json.loads(_run_python(code, env=env, cwd=tmp_path).strip().splitlines()[-1])
+    target = target.resolve()
+    assert Path(out["module"]).resolve().is_relative_to(target), out
+    assert out["name"] == out["discovered_name"] == DIST_NAME
+    for key in ("source", "discovered_source"):
+        if out[key]:  # npe2 records the file it read (private attribute; checked when present)
+            assert Path(out[key]).is_relative_to(target), out
+
+
+def test_core_imports_without_qt_or_napari():
+    code = """
+        import json, sys
+        import napari_cell2location
+        import napari_cell2location.datasets
+        import napari_cell2location.io
+        import napari_cell2location.model
+        from napari_cell2location import Cell2location  # noqa: F401
+        gui = ["qtpy", "napari", "magicgui", "PyQt6", "PyQt5", "PySide2", "PySide6", "vispy"]
+        print(json.dumps(sorted(m for m in gui if m in sys.modules)))
+    """
+    loaded = json.loads(_run_python(code).strip().splitlines()[-1])
+    assert loaded == [], f"importing the core pulled in GUI modules: {loaded}"
+
+
+def test_package_import_is_light():
+    code = """
+        import json, sys
+        import napari_cell2location
+        heavy = ["torch", "pyro", "anndata", "spatialdata", "dask", "qtpy", "napari"]
+        print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+    """
+    loaded = json.loads(_run_python(code).strip().splitlines()[-1])
+    assert loaded == [], f"`import napari_cell2location` loaded heavy modules eagerly: {loaded}"
