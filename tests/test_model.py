@@ -354,3 +354,25 @@ def test_expected_counts_and_qc_plot(tiny):
     assert len(fig.axes) >= 2
     ax = mod.plot_history()
     assert len(ax.lines) == 1
+
+
+def test_grouped_lgamma_gives_the_same_total_and_gradients():
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.negative_binomial(2, 0.4, size=(9, 13)), dtype=torch.float32)
+    batch = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    mu = torch.tensor(rng.gamma(2, 2, size=(9, 13)), dtype=torch.float32, requires_grad=True)
+    alpha = torch.tensor(rng.gamma(5, 1, size=(3, 13)), dtype=torch.float32, requires_grad=True)
+    onehot = torch.nn.functional.one_hot(batch, 3).float()
+    totals, grads = [], []
+    for pattern, o2b in ((CountsPattern(x, batch), None), (CountsPattern(x, batch, grouped=True), onehot)):
+        lp = NegativeBinomialCounts(mu, alpha, batch_index=batch, pattern=pattern, obs2batch=o2b).log_prob(x)
+        assert lp.shape == (9, 1)
+        total = lp.sum()
+        g = torch.autograd.grad(total, (mu, alpha))
+        totals.append(total.detach())
+        grads.append(g)
+    ref = torch.distributions.NegativeBinomial(alpha[batch], logits=torch.log(mu) - torch.log(alpha[batch]))
+    torch.testing.assert_close(totals[0], ref.log_prob(x).sum().detach(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(totals[1], totals[0], rtol=1e-5, atol=1e-3)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

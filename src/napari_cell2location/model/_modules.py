@@ -101,11 +101,14 @@ class _LocationModelBase(PyroModule):
     def _const(self, value) -> torch.Tensor:
         return torch.as_tensor(value, dtype=self.cell_state.dtype, device=self.cell_state.device)
 
-    def _counts_pattern(self, x_data: torch.Tensor) -> CountsPattern:
-        """Data-only likelihood terms, cached while the same count tensor is passed (full-data training)."""
-        key = (x_data.data_ptr(), tuple(x_data.shape), x_data._version, x_data.device)
+    def _counts_pattern(self, x_data: torch.Tensor, batch: torch.Tensor) -> CountsPattern:
+        """Data-only likelihood terms, cached while the same count tensor is passed (full-data training).
+
+        With all spots at once the lgamma terms are grouped by distinct (batch, gene, count).
+        """
+        key = (x_data.data_ptr(), tuple(x_data.shape), x_data._version, x_data.device, batch.data_ptr())
         if key != self._pattern_key:
-            self._pattern = CountsPattern(x_data)
+            self._pattern = CountsPattern(x_data, batch, grouped=x_data.shape[0] == self.n_obs)
             self._pattern_key = key
         return self._pattern
 
@@ -169,18 +172,20 @@ class _LocationModelBase(PyroModule):
         expected = w_sf @ self.cell_state  # (B, G)
         if m_g is not None:
             expected = expected * m_g
+        obs2batch = None
         if self.n_batch == 1:
             mu = (expected + s_g_gene_add) * detection_y_s  # (B, G)
         else:
-            mu = (expected + s_g_gene_add[batch]) * detection_y_s  # (B, G)
+            obs2batch = torch.nn.functional.one_hot(batch, self.n_batch).to(expected.dtype)  # (B, E)
+            mu = (expected + obs2batch @ s_g_gene_add) * detection_y_s  # (B, G)
         alpha = alpha_g_inverse.pow(-2)  # (E, G)
         if self.skip_likelihood:
             return mu
-        pattern = self._counts_pattern(x_data) if x_data is not None else None
+        pattern = self._counts_pattern(x_data, batch) if x_data is not None else None
         with obs_plate:
             pyro.sample(
                 "data_target",
-                NegativeBinomialCounts(mu, alpha, batch_index=batch, pattern=pattern),
+                NegativeBinomialCounts(mu, alpha, batch_index=batch, pattern=pattern, obs2batch=obs2batch),
                 obs=x_data,
             )  # (B, 1) x (G,)
         return mu
