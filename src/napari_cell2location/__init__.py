@@ -26,12 +26,12 @@ _LAZY = {
     "NoFactorisationModule": "napari_cell2location.model",
     "NoMGModule": "napari_cell2location.model",
 }
-_SUBMODULES = {"datasets", "model", "io", "plotting"}
+_SUBMODULES = {"datasets", "model", "io", "nuclei", "plotting"}
 
 __all__ = ["__version__", *_LAZY, *sorted(_SUBMODULES)]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import datasets, io, model, plotting  # noqa: F401
+    from . import datasets, io, model, nuclei, plotting  # noqa: F401
     from .model import Cell2location  # noqa: F401
 
 

@@ -1,0 +1,33 @@
+"""Nuclei on histology: detection, counting per spot, and the ``N_cells_per_location`` prior.
+
+Headless: scipy, scikit-image and pandas only (dask, zarr or StarDist / Cellpose when the caller uses them).
+
+>>> from napari_cell2location import nuclei                                      # doctest: +SKIP
+>>> found = nuclei.detect_nuclei(image, pixel_size_um=2.0)                       # doctest: +SKIP
+>>> centres, radius = nuclei.spots_in_image(adata.obsm["spatial"], scalef, diameter_fullres)  # doctest: +SKIP
+>>> counts = nuclei.count_nuclei_per_spot(found, centres, radius)                # doctest: +SKIP
+>>> est = nuclei.estimate_n_cells_per_location(counts, adata.obs["in_tissue"])   # doctest: +SKIP
+>>> Cell2location(adata, sig, N_cells_per_location=est.per_spot)                 # doctest: +SKIP
+"""
+
+from ._count import (
+    NCellsEstimate,
+    count_nuclei_per_spot,
+    estimate_n_cells_per_location,
+    overlap_scaling,
+    spots_in_image,
+)
+from ._detect import DetectProgress, auto_threshold, detect_nuclei, iter_detect_nuclei, nuclear_signal
+
+__all__ = [
+    "DetectProgress",
+    "NCellsEstimate",
+    "auto_threshold",
+    "count_nuclei_per_spot",
+    "detect_nuclei",
+    "estimate_n_cells_per_location",
+    "iter_detect_nuclei",
+    "nuclear_signal",
+    "overlap_scaling",
+    "spots_in_image",
+]
