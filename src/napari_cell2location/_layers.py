@@ -1,0 +1,640 @@
+"""Spatial data and Cell2location results -> napari layer data (pure functions, no napari import).
+
+Coordinate convention (written once, used by the reader, the sample data and the widgets):
+
+* napari world coordinates are **full-resolution pixels** as ``(row, col) = (y, x)``;
+* Visium ``obsm['spatial']`` is ``(x, y)`` in full-resolution pixels, so a spot's napari position is
+  ``obsm['spatial'][:, ::-1]``;
+* an image stored at ``hires`` / ``lowres`` scale has image pixel ``(r, c) = (y, x) * scalef``; its layer
+  gets ``scale = 1 / scalef`` (pixel centres at integer indices, as in napari and Space Ranger), so pixel
+  ``(r, c)`` sits at world ``(r, c) / scalef`` and spots land exactly on the tissue;
+* several sections (libraries) whose frames overlap are placed side by side in x, never overlapped.
+
+Everything here returns plain numpy / pandas objects or napari ``LayerDataTuple`` s
+(``(data, kwargs, layer_type)``), so it runs and is tested without Qt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+#: statistics of the posterior exported by ``Cell2location.export_posterior`` (cell2location's names)
+STATS = ("means", "stds", "q05", "q50", "q95")
+#: metadata key on a spots layer holding the :class:`SpotContext`
+CONTEXT_KEY = "cell2location"
+#: Visium spot diameter / centre-to-centre distance (55 µm / 100 µm)
+_DIAMETER_PER_PITCH = 0.55
+#: gap between sections placed side by side, as a fraction of the widest section
+_SECTION_GAP = 0.05
+#: colours of the composite view (up to this many cell types at once)
+COMPOSITE_COLORS = (
+    (1.0, 0.2, 0.2),
+    (0.2, 1.0, 0.2),
+    (0.25, 0.45, 1.0),
+    (1.0, 0.9, 0.1),
+    (1.0, 0.2, 1.0),
+    (0.1, 0.95, 0.95),
+)
+
+
+def obsm_key(stat: str) -> str:
+    """``obsm`` key of a posterior summary, e.g. ``'q05'`` -> ``'q05_cell_abundance_w_sf'``."""
+    return f"{stat}_cell_abundance_w_sf"
+
+
+def feature_name(stat: str, cell_type: str) -> str:
+    """Name of the layer feature holding ``stat`` of ``cell_type`` (e.g. ``'q05 B_cell'``)."""
+    return f"{stat} {cell_type}"
+
+
+@dataclass
+class SpotContext:
+    """What a spots layer needs to find its counts again; stored in ``layer.metadata['cell2location']``.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The (n_obs, n_vars) counts table the layer's points are the rows of (same order).
+    sdata : spatialdata.SpatialData or None
+        The whole dataset when it came from SpatialData (results written there are saved with it).
+    signatures : pandas.DataFrame or None
+        Reference signatures (n_genes, n_cell_types) that came with the data (sample data), if any.
+    source : str
+        Where the data came from (a path or ``'sample'``).
+    """
+
+    adata: Any
+    sdata: Any = None
+    signatures: pd.DataFrame | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Section:
+    """One tissue section: an optional image with its affine to world, and the spots on it.
+
+    Parameters
+    ----------
+    name : str
+        Library / section name.
+    spots : numpy.ndarray
+        (n_spots_in_section,) integer rows of the table.
+    image : array-like or None
+        (H, W, 3) RGB (or (H, W)) image.
+    image_affine : numpy.ndarray
+        (3, 3) affine from image (row, col) to world (row, col) = full-resolution pixels.
+    """
+
+    name: str
+    spots: np.ndarray
+    image: Any = None
+    image_affine: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry
+# ------------------------------------------------------------------------------------------------
+
+
+def estimate_spot_diameter(yx: np.ndarray) -> float:
+    """Spot diameter from the lattice: 0.55 x the median nearest-neighbour distance (Visium geometry).
+
+    Parameters
+    ----------
+    yx : numpy.ndarray
+        (n_spots, 2) spot centres.
+
+    Returns
+    -------
+    float
+    """
+    yx = np.asarray(yx, dtype=float)
+    if len(yx) < 2:
+        return 1.0
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(yx).query(yx, k=2)
+    nn = float(np.median(dist[:, 1]))
+    return nn * _DIAMETER_PER_PITCH if nn > 0 else 1.0
+
+
+def _scanpy_libraries(adata) -> tuple[list[str], np.ndarray]:
+    """Libraries of ``uns['spatial']`` and the library index of each spot (-1 when unknown)."""
+    libs = list(adata.uns.get("spatial", {}).keys()) if hasattr(adata.uns.get("spatial", {}), "keys") else []
+    lib_of = np.zeros(adata.n_obs, dtype=int) if len(libs) == 1 else np.full(adata.n_obs, -1)
+    if len(libs) > 1:
+        for col in adata.obs.columns:
+            values = adata.obs[col].astype(str).to_numpy()
+            if set(np.unique(values)) <= set(libs):
+                lib_of = np.asarray([libs.index(v) for v in values])
+                break
+        else:
+            logger.warning("uns['spatial'] has libraries %s but no obs column names them per spot", libs)
+            lib_of = np.zeros(adata.n_obs, dtype=int)
+    return libs, lib_of
+
+
+def _pick_image(images: dict, scalefactors: dict) -> tuple[Any, float] | tuple[None, None]:
+    """The finest image of a scanpy library and its scale factor (full-res -> image pixels)."""
+    for key, sf_key in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
+        if key in images and images[key] is not None:
+            scalef = scalefactors.get(sf_key)
+            if scalef is None:
+                logger.warning("image %r has no %r in scalefactors; assuming full resolution", key, sf_key)
+                scalef = 1.0
+            return images[key], float(scalef)
+    return None, None
+
+
+def _affine_scale(scalef: float) -> np.ndarray:
+    return np.diag([1.0 / scalef, 1.0 / scalef, 1.0])
+
+
+def scanpy_sections(adata) -> tuple[list[Section], np.ndarray, float | None]:
+    """Sections of an AnnData in the scanpy Visium layout.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        (n_obs, n_vars) with ``obsm['spatial']`` (x, y) in full-resolution pixels and optionally
+        ``uns['spatial'][library] = {'images': {'hires'|'lowres': (H, W, 3)}, 'scalefactors': {...}}``.
+
+    Returns
+    -------
+    sections : list of Section
+    yx : numpy.ndarray
+        (n_obs, 2) spot centres in world (row, col) = full-resolution pixels.
+    diameter : float or None
+        ``spot_diameter_fullres`` when known.
+    """
+    if "spatial" not in adata.obsm:
+        raise ValueError(
+            "this table has no obsm['spatial'] (spot x, y in full-resolution pixels); cannot place the spots."
+        )
+    yx = np.asarray(adata.obsm["spatial"], dtype=float)[:, ::-1].copy()
+    libs, lib_of = _scanpy_libraries(adata)
+    if not libs:
+        return [Section("spots", np.arange(adata.n_obs))], yx, None
+    sections, diameter = [], None
+    for i, lib in enumerate(libs):
+        entry = adata.uns["spatial"][lib]
+        scalefactors = dict(entry.get("scalefactors", {}) or {})
+        if diameter is None and scalefactors.get("spot_diameter_fullres"):
+            diameter = float(scalefactors["spot_diameter_fullres"])
+        image, scalef = _pick_image(dict(entry.get("images", {}) or {}), scalefactors)
+        sec = Section(str(lib), np.flatnonzero(lib_of == i))
+        if image is not None:
+            sec.image, sec.image_affine = np.asarray(image), _affine_scale(scalef)
+        sections.append(sec)
+    return sections, yx, diameter
+
+
+def spatialdata_sections(sdata, table_key: str | None = None) -> tuple[list[Section], np.ndarray, float | None, str]:
+    """Sections of a SpatialData: the shapes the table annotates and the images in their coordinate system.
+
+    Parameters
+    ----------
+    sdata : spatialdata.SpatialData
+        With a table annotating circle shapes (``radius`` column) through ``region`` / ``instance_key``.
+    table_key : str, optional
+        Table to use (default as :func:`napari_cell2location.io.pick_table`).
+
+    Returns
+    -------
+    sections, yx, diameter, table_key
+        As :func:`scanpy_sections`, plus the table used. World = the ``'global'`` coordinate system
+        (or the first one the shapes are in).
+    """
+    from spatialdata.models import get_table_keys
+    from spatialdata.transformations import get_transformation
+
+    from .io import pick_table
+
+    key = pick_table(sdata, table_key)
+    table = sdata.tables[key]
+    regions, region_key, instance_key = get_table_keys(table)
+    regions = [regions] if isinstance(regions, str) else list(regions)
+    yx = np.full((table.n_obs, 2), np.nan)
+    sections, diameter, cs = [], None, None
+    region_values = table.obs[region_key].astype(str).to_numpy()
+    for region in regions:
+        if region not in sdata.shapes:
+            continue
+        shapes = sdata.shapes[region]
+        transforms = get_transformation(shapes, get_all=True)
+        cs_here = "global" if "global" in transforms else next(iter(transforms))
+        cs = cs or cs_here
+        affine = np.asarray(
+            transforms[cs_here].to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), dtype=float
+        )
+        centres = np.stack([shapes.geometry.y.to_numpy(), shapes.geometry.x.to_numpy(), np.ones(len(shapes))], 1)
+        world = centres @ affine.T
+        rows = np.flatnonzero(region_values == region)
+        pos = shapes.index.get_indexer(table.obs[instance_key].to_numpy()[rows])
+        ok = pos >= 0
+        yx[rows[ok]] = world[pos[ok], :2]
+        if diameter is None and "radius" in shapes.columns:
+            diameter = 2.0 * float(np.median(shapes["radius"])) * float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
+        sections.append(Section(region, rows[ok]))
+    if not sections:
+        raise ValueError(f"table {key!r} annotates {regions}, but none of them is a shapes element of the SpatialData.")
+    # images in the same coordinate system; a lowres copy of an image that has a hires one is left out
+    names = [n for n in sdata.images if cs in get_transformation(sdata.images[n], get_all=True)]
+    names = [n for n in names if not ("lowres" in n and n.replace("lowres", "hires") in names)]
+    for name in names:
+        image, affine = _image_array(sdata.images[name], cs)
+        # the section whose shapes name shares the longest prefix with the image name (one image each)
+        free = [s for s in sections if s.image is None]
+        if not free:
+            logger.warning("image %r has no section of spots left to sit under; not shown", name)
+            continue
+        target = max(free, key=lambda s: len(os.path.commonprefix([s.name, name])))
+        target.image, target.image_affine = image, affine
+    return sections, yx, diameter, key
+
+
+def _image_array(element, cs: str) -> tuple[Any, np.ndarray]:
+    """(H, W, C) array (finest scale) and its (3, 3) affine to ``cs`` of a SpatialData image element."""
+    from spatialdata.transformations import get_transformation
+
+    data = element
+    if hasattr(element, "children") and not hasattr(element, "dims"):  # multiscale DataTree
+        first = next(iter(element.children))
+        data = element[first].ds[next(iter(element[first].ds.data_vars))]
+    transform = get_transformation(element, to_coordinate_system=cs)
+    affine = np.asarray(transform.to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), dtype=float)
+    arr = data.transpose("y", "x", "c").data if "c" in data.dims else data.transpose("y", "x").data
+    if hasattr(arr, "compute") and arr.size * arr.dtype.itemsize < 256 * 2**20:
+        arr = arr.compute()
+    return arr, affine
+
+
+def layout_side_by_side(sections: list[Section], yx: np.ndarray) -> np.ndarray:
+    """Shift sections whose extents overlap so they sit side by side in x; returns new spot centres.
+
+    Parameters
+    ----------
+    sections : list of Section
+        Modified in place (image affines get the shift).
+    yx : numpy.ndarray
+        (n_obs, 2) spot centres in world coordinates.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_obs, 2) shifted spot centres.
+    """
+    yx = np.array(yx, dtype=float, copy=True)
+    placed = [s for s in sections if len(s.spots) or s.image is not None]
+    if len(placed) < 2:
+        return yx
+
+    def extent(sec):
+        boxes = []
+        if len(sec.spots):
+            pts = yx[sec.spots]
+            boxes.append(np.r_[np.nanmin(pts, 0), np.nanmax(pts, 0)])
+        if sec.image is not None:
+            h, w = sec.image.shape[:2]
+            corners = np.array([[0, 0, 1], [h, w, 1], [0, w, 1], [h, 0, 1]], float) @ sec.image_affine.T
+            boxes.append(np.r_[corners[:, :2].min(0), corners[:, :2].max(0)])
+        b = np.stack(boxes)
+        return np.r_[b[:, :2].min(0), b[:, 2:].max(0)]
+
+    boxes = [extent(s) for s in placed]
+    overlap = any(
+        (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]) for i, a in enumerate(boxes) for b in boxes[:i]
+    )
+    if not overlap:
+        return yx
+    gap = _SECTION_GAP * max(b[3] - b[1] for b in boxes)
+    cursor = boxes[0][3] + gap
+    for sec, box in zip(placed[1:], boxes[1:], strict=True):
+        shift = cursor - box[1]
+        yx[sec.spots, 1] += shift
+        if sec.image is not None:
+            sec.image_affine = sec.image_affine.copy()
+            sec.image_affine[1, 2] += shift
+        cursor += box[3] - box[1] + gap
+    return yx
+
+
+# ------------------------------------------------------------------------------------------------
+# features
+# ------------------------------------------------------------------------------------------------
+
+
+def cell_types(adata) -> list[str]:
+    """Cell types with exported abundances in ``adata`` (from ``uns['mod']`` or the obsm columns)."""
+    mod = adata.uns.get("mod", {})
+    if hasattr(mod, "get") and mod.get("factor_names") is not None:
+        return [str(n) for n in np.asarray(mod["factor_names"]).ravel()]
+    for stat in STATS:
+        if obsm_key(stat) in adata.obsm:
+            prefix = f"{stat}cell_abundance_w_sf_"
+            return [str(c)[len(prefix) :] if str(c).startswith(prefix) else str(c) for c in adata.obsm[obsm_key(stat)]]
+    return []
+
+
+def abundance_features(adata) -> pd.DataFrame:
+    """Every exported statistic of every cell type as columns ``'{stat} {cell_type}'``.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        With ``obsm['{stat}_cell_abundance_w_sf']`` DataFrames (cell2location's keys).
+
+    Returns
+    -------
+    pandas.DataFrame
+        (n_obs, n_stats * n_cell_types), float32, on a RangeIndex.
+    """
+    types = cell_types(adata)
+    cols = {}
+    for stat in STATS:
+        key = obsm_key(stat)
+        if key not in adata.obsm:
+            continue
+        values = np.asarray(adata.obsm[key], dtype=np.float32)
+        for j, ct in enumerate(types[: values.shape[1]]):
+            cols[feature_name(stat, ct)] = values[:, j]
+    return pd.DataFrame(cols)
+
+
+def spot_features(adata) -> pd.DataFrame:
+    """Features of a spots layer: barcode, total counts, numeric obs columns and any abundances.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        (n_obs, n_vars) counts.
+
+    Returns
+    -------
+    pandas.DataFrame
+        n_obs rows on a RangeIndex.
+    """
+    x = adata.X
+    total = np.asarray(x.sum(axis=1)).ravel().astype(np.float32)
+    df = pd.DataFrame({"barcode": adata.obs_names.astype(str).to_numpy(), "total_counts": total})
+    for col in adata.obs.columns:
+        s = adata.obs[col]
+        if col in df or col in ("spot_id", "region"):
+            continue
+        if pd.api.types.is_numeric_dtype(s) or isinstance(s.dtype, pd.CategoricalDtype):
+            df[str(col)] = s.to_numpy()
+    ab = abundance_features(adata)
+    if ab.shape[1]:
+        df = pd.concat([df, ab], axis=1)
+    return df
+
+
+# ------------------------------------------------------------------------------------------------
+# colours
+# ------------------------------------------------------------------------------------------------
+
+
+def robust_limits(values: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple[float, float]:
+    """Contrast limits from percentiles of the finite values, never empty (hi > lo)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v, percentiles)
+    if not hi > lo:
+        hi = lo + (abs(lo) * 1e-3 or 1.0)
+    return float(lo), float(hi)
+
+
+def value_colors(values: np.ndarray, cmap: str = "magma", limits: tuple[float, float] | None = None) -> np.ndarray:
+    """RGBA colours (n, 4) float32 of ``values`` (n,) through a matplotlib colormap and contrast limits."""
+    from matplotlib import colormaps
+
+    v = np.asarray(values, dtype=float)
+    lo, hi = robust_limits(v) if limits is None else limits
+    t = np.clip((v - lo) / (hi - lo), 0.0, 1.0)
+    t[~np.isfinite(t)] = 0.0
+    return colormaps[cmap](t).astype(np.float32)
+
+
+def composite_colors(values: np.ndarray, colors=COMPOSITE_COLORS, limits=None) -> np.ndarray:
+    """Several cell types at once: each scaled to [0, 1] by its own limits, coloured, added and clipped.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        (n_spots, k) abundances of k <= len(colors) cell types.
+    colors : sequence of RGB tuples
+        One colour per column.
+    limits : sequence of (lo, hi), optional
+        Per-column limits (default :func:`robust_limits` with (1, 99) percentiles).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_spots, 4) float32 RGBA; alpha grows with the strongest type so empty spots are faint.
+    """
+    v = np.atleast_2d(np.asarray(values, dtype=float))
+    if v.shape[1] > len(colors):
+        raise ValueError(f"at most {len(colors)} cell types at once, got {v.shape[1]}")
+    limits = [robust_limits(v[:, j]) for j in range(v.shape[1])] if limits is None else limits
+    rgb = np.zeros((v.shape[0], 3))
+    strength = np.zeros(v.shape[0])
+    for j in range(v.shape[1]):
+        lo, hi = limits[j]
+        t = np.nan_to_num(np.clip((v[:, j] - lo) / (hi - lo), 0.0, 1.0))
+        rgb += t[:, None] * np.asarray(colors[j])[None, :]
+        strength = np.maximum(strength, t)
+    rgba = np.concatenate([np.clip(rgb, 0, 1), (0.25 + 0.75 * strength)[:, None]], axis=1)
+    return rgba.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# QC (per spot, from observed and expected counts; the expectation itself comes from the model)
+# ------------------------------------------------------------------------------------------------
+
+
+def spot_qc(observed, expected: np.ndarray, abundance_means: np.ndarray, detection_y_s: np.ndarray) -> pd.DataFrame:
+    """Per-spot quality control of a fit.
+
+    Parameters
+    ----------
+    observed : numpy.ndarray or scipy.sparse matrix
+        (n_obs, n_vars) observed counts of the genes the model used.
+    expected : numpy.ndarray
+        (n_obs, n_vars) expected counts mu_sg (``Cell2location.compute_expected()['mu']``).
+    abundance_means : numpy.ndarray
+        (n_obs, n_cell_types) posterior mean abundances w_sf.
+    detection_y_s : numpy.ndarray
+        (n_obs,) or (n_obs, 1) detection efficiency y_s.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``total_counts``, ``total_cells`` (sum_f w_sf), ``detection_y_s``, ``reconstruction_r``
+        (Pearson r of log1p observed vs expected counts across genes; NaN for a constant spot) and
+        ``expected_counts``.
+    """
+    obs = observed.toarray() if hasattr(observed, "toarray") else np.asarray(observed)
+    obs = np.log1p(np.asarray(obs, dtype=np.float64))
+    exp = np.log1p(np.asarray(expected, dtype=np.float64))
+    oc = obs - obs.mean(1, keepdims=True)
+    ec = exp - exp.mean(1, keepdims=True)
+    denom = np.sqrt((oc**2).sum(1) * (ec**2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(denom > 0, (oc * ec).sum(1) / denom, np.nan)
+    return pd.DataFrame(
+        {
+            "total_counts": np.expm1(obs).sum(1),
+            "expected_counts": np.asarray(expected, dtype=np.float64).sum(1),
+            "total_cells": np.asarray(abundance_means, dtype=np.float64).sum(1),
+            "detection_y_s": np.asarray(detection_y_s, dtype=np.float64).reshape(-1),
+            "reconstruction_r": r,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# layer data
+# ------------------------------------------------------------------------------------------------
+
+
+def spatial_layer_data(
+    adata,
+    sdata=None,
+    *,
+    name: str = "spots",
+    signatures: pd.DataFrame | None = None,
+    source: str = "",
+    table_key: str | None = None,
+) -> list[tuple]:
+    """Layer data tuples of a spatial dataset: one Image per section image, one Points layer of spots.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        (n_obs, n_vars) counts; scanpy Visium layout when ``sdata`` is None.
+    sdata : spatialdata.SpatialData, optional
+        The dataset ``adata`` is a table of.
+    name : str
+        Base name of the layers.
+    signatures : pandas.DataFrame, optional
+        Reference signatures to attach (sample data).
+    source : str
+        Where the data came from.
+    table_key : str, optional
+        SpatialData table to use.
+
+    Returns
+    -------
+    list of tuple
+        ``(data, kwargs, 'image' | 'points')``; images first. The points layer's ``metadata``
+        holds a :class:`SpotContext` under ``'cell2location'``.
+    """
+    if sdata is not None:
+        sections, yx, diameter, _ = spatialdata_sections(sdata, table_key)
+    else:
+        sections, yx, diameter = scanpy_sections(adata)
+    missing = ~np.isfinite(yx).all(1)
+    if missing.any():
+        logger.warning("%d spots have no position and are placed at the origin", int(missing.sum()))
+        yx[missing] = 0.0
+    yx = layout_side_by_side(sections, yx)
+    if diameter is None:
+        diameter = estimate_spot_diameter(yx)
+    layers: list[tuple] = []
+    for sec in sections:
+        if sec.image is None:
+            continue
+        img = sec.image
+        rgb = img.ndim == 3 and img.shape[-1] in (3, 4)
+        layers.append(
+            (img, {"name": f"{sec.name} H&E" if len(sections) > 1 else f"{name} H&E", "rgb": rgb,
+                   "affine": sec.image_affine}, "image")
+        )  # fmt: skip
+    features = spot_features(adata)
+    ctx = SpotContext(adata=adata, sdata=sdata, signatures=signatures, source=source)
+    kwargs = {
+        "name": name,
+        "size": float(diameter),
+        "features": features,
+        "face_color": value_colors(features["total_counts"].to_numpy(), "viridis"),
+        "border_width": 0.0,
+        "opacity": 0.85,
+        "metadata": {CONTEXT_KEY: ctx},
+    }
+    layers.append((yx, kwargs, "points"))
+    return layers
+
+
+def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, name: str = "cell abundance") -> tuple:
+    """Points layer data of fitted abundances: features hold every statistic of every cell type.
+
+    Parameters
+    ----------
+    yx : numpy.ndarray
+        (n_obs, 2) spot centres in world coordinates (those of the spots layer).
+    size : float or numpy.ndarray
+        Spot diameter(s).
+    adata : anndata.AnnData
+        Table with exported posterior (``obsm['{stat}_cell_abundance_w_sf']``).
+    ctx : SpotContext
+        Context to keep with the layer.
+    name : str
+        Layer name.
+
+    Returns
+    -------
+    tuple
+        ``(yx, kwargs, 'points')`` coloured by the first cell type's q05 (or means).
+    """
+    features = spot_features(adata)
+    types = cell_types(adata)
+    stat = "q05" if obsm_key("q05") in adata.obsm else "means"
+    first = features[feature_name(stat, types[0])].to_numpy() if types else features["total_counts"].to_numpy()
+    kwargs = {
+        "name": name,
+        "size": size,
+        "features": features,
+        "face_color": value_colors(first, "magma"),
+        "border_width": 0.0,
+        "metadata": {CONTEXT_KEY: ctx},
+    }
+    return np.asarray(yx, dtype=float), kwargs, "points"
+
+
+def model_qc(mod, chunk: int = 2000) -> pd.DataFrame:
+    """Per-spot QC of a fitted ``Cell2location`` (duck-typed; the model does the maths), in spot chunks.
+
+    Parameters
+    ----------
+    mod : napari_cell2location.model.Cell2location
+        A trained model after ``export_posterior`` (its ``samples['post_sample_means']`` is used).
+    chunk : int
+        Spots per chunk (bounds memory: chunk x n_genes expected counts at a time).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :func:`spot_qc` columns, one row per training spot (``mod.obs_names`` order, RangeIndex).
+    """
+    means = mod.samples.get("post_sample_means") if getattr(mod, "samples", None) else None
+    if means is None:
+        means = mod._means_for_qc()
+    w = np.asarray(means["w_sf"])
+    y_s = np.asarray(means["detection_y_s"]).reshape(-1)
+    parts = []
+    for start in range(0, mod.n_obs, chunk):
+        ind = np.arange(start, min(start + chunk, mod.n_obs))
+        mu = mod.compute_expected(means, ind_x=ind)["mu"]
+        parts.append(spot_qc(mod.X[ind], mu, w[ind], y_s[ind]))
+    return pd.concat(parts, ignore_index=True)

@@ -1,0 +1,159 @@
+"""Data: choose the spots, the reference signatures and the batch column; show what will be fitted."""
+
+import logging
+from pathlib import Path
+
+import napari.layers
+import napari.viewer
+import numpy as np
+import pandas as pd
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from napari.utils.notifications import show_error, show_info
+
+from ._session import context_of, get_session
+
+logger = logging.getLogger(__name__)
+
+NO_BATCH = "(one batch)"
+
+
+def _spot_layers(viewer) -> list:
+    return [layer for layer in viewer.layers if isinstance(layer, napari.layers.Points) and context_of(layer)]
+
+
+class DataWidget(Container):
+    """Pick the spots layer, the reference signatures (CSV or cell2location .h5ad) and the batch column.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer whose layers are offered.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.session = get_session(viewer)
+        self.session.widgets["data"] = self
+        self.spots = ComboBox(label="spots", choices=self._spot_choices, nullable=True)
+        self.reference = FileEdit(label="reference", mode="r", filter="Signatures (*.csv *.tsv *.txt *.gz *.h5ad)")
+        self.load_button = PushButton(text="Load reference")
+        self.batch = ComboBox(label="batch column", choices=self._batch_choices)
+        self.summary = Label(label="", value="Open a section (File > Open Sample > Cell2location)")
+        self.extend([self.spots, self.reference, self.load_button, self.batch, self.summary])
+        self.spots.changed.connect(self._on_spots)
+        self.batch.changed.connect(self._on_batch)
+        self.load_button.changed.connect(self.load_reference)
+        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
+            ev.connect(self._refresh)
+        self._refresh()
+
+    # ------------------------------------------------------------------ choices
+    def _spot_choices(self, _widget=None):
+        return [(layer.name, layer) for layer in _spot_layers(self.viewer)]
+
+    def _batch_choices(self, _widget=None):
+        ctx = self.session.context()
+        if ctx is None:
+            return [NO_BATCH]
+        obs = ctx.adata.obs
+        cols = [
+            str(c)
+            for c in obs.columns
+            if (isinstance(obs[c].dtype, pd.CategoricalDtype) or obs[c].dtype == object)
+            and 1 < obs[c].nunique() < len(obs)
+        ]
+        return [NO_BATCH, *cols]
+
+    def _refresh(self, _event=None):
+        current = self.spots.value
+        self.spots.reset_choices()
+        if self.spots.value is None or current is not self.spots.value:
+            layers = _spot_layers(self.viewer)
+            if layers and self.spots.value is None:
+                self.spots.value = layers[-1]
+        self._on_spots(self.spots.value)
+
+    # ------------------------------------------------------------------ handlers
+    def _on_spots(self, layer):
+        if layer is not None and layer is self.session.spots_layer:
+            self._update_summary()
+            return
+        self.session.spots_layer = layer
+        ctx = context_of(layer)
+        self.batch.reset_choices()
+        default = (ctx.extra.get("batch_key") if ctx is not None else None) or NO_BATCH
+        self.batch.value = default if default in self.batch.choices else NO_BATCH
+        if ctx is not None and ctx.signatures is not None and self.session.signatures is None:
+            self.set_signatures(ctx.signatures, source=f"{ctx.source} (bundled)", quiet=True)
+        self._on_batch(self.batch.value)
+        self.session.data_changed.emit()
+
+    def _on_batch(self, value):
+        self.session.batch_key = None if value in (None, NO_BATCH) else str(value)
+        self._update_summary()
+
+    def load_reference(self, _value=None, path=None):
+        """Read the reference file; on error a notification, and the current signatures stay."""
+        from ..io import read_signatures
+
+        path = Path(path if path is not None else self.reference.value)
+        if not str(path) or path == Path(".") or path.is_dir() and not path.suffix:
+            show_error("Choose a reference file: a CSV of genes x cell types, or an .h5ad from cell2location.")
+            return False
+        try:
+            df = read_signatures(path)
+        except (ValueError, OSError, KeyError) as err:
+            show_error(f"Cannot use reference {path.name}: {err}")
+            return False
+        self.set_signatures(df, source=path.name)
+        return True
+
+    def set_signatures(self, df: pd.DataFrame, source: str = "", quiet: bool = False):
+        """Use ``df`` (n_genes, n_cell_types) as the reference signatures (public: other widgets call it).
+
+        Parameters
+        ----------
+        df : pandas.DataFrame
+            Genes x cell types expression signatures.
+        source : str
+            Where they came from (shown in the summary).
+        quiet : bool
+            No notification.
+        """
+        if not isinstance(df, pd.DataFrame) or df.shape[0] == 0 or df.shape[1] == 0:
+            show_error("Signatures must be a non-empty DataFrame of genes x cell types.")
+            return
+        self.session.signatures = df
+        self.session.signatures_source = source or "signatures"
+        self._update_summary()
+        if not quiet:
+            show_info(
+                f"Reference: {df.shape[1]} cell types x {df.shape[0]} genes from {self.session.signatures_source}"
+            )
+        self.session.data_changed.emit()
+
+    # ------------------------------------------------------------------ summary
+    def describe(self) -> dict:
+        """Spots, genes, cell types and genes shared between the spots and the signatures."""
+        ctx = self.session.context()
+        out = {"spots": 0, "genes": 0, "cell_types": 0, "shared_genes": 0, "batches": 1}
+        if ctx is not None:
+            out["spots"], out["genes"] = int(ctx.adata.n_obs), int(ctx.adata.n_vars)
+            if self.session.batch_key:
+                out["batches"] = int(ctx.adata.obs[self.session.batch_key].nunique())
+        sig = self.session.signatures
+        if sig is not None:
+            out["cell_types"] = int(sig.shape[1])
+            if ctx is not None:
+                out["shared_genes"] = int(np.isin(ctx.adata.var_names.astype(str), sig.index.astype(str)).sum())
+        return out
+
+    def _update_summary(self):
+        d = self.describe()
+        ref = self.session.signatures_source or "none loaded"
+        self.summary.value = (
+            f"{d['spots']} spots x {d['genes']} genes, {d['batches']} batch(es)\n"
+            f"reference: {ref}, {d['cell_types']} cell types\n"
+            f"genes shared: {d['shared_genes']}"
+        )

@@ -1,0 +1,59 @@
+"""A small matplotlib canvas for dock widgets, and a fast colour bar label."""
+
+import numpy as np
+from magicgui.widgets import Container
+from qtpy.QtGui import QImage, QPixmap
+from qtpy.QtWidgets import QLabel, QSizePolicy
+
+
+class MplCanvas(Container):
+    """A magicgui Container holding one matplotlib figure (Qt Agg canvas).
+
+    Parameters
+    ----------
+    height : float
+        Figure height in inches.
+    ncols : int
+        Number of axes side by side.
+    """
+
+    def __init__(self, height: float = 2.2, ncols: int = 1, width: float = 4.0):
+        super().__init__(labels=False)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(width, height), dpi=90, layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(int(height * 80))
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.native.layout().addWidget(self.canvas)
+        self.axes = [self.figure.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+    def clear(self):
+        for ax in self.axes:
+            ax.clear()
+
+    def draw(self):
+        self.canvas.draw_idle()
+
+
+class ColorBar(QLabel):
+    """A colour bar drawn as a pixmap (no matplotlib redraw, so switching stays instant)."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setMinimumHeight(14)
+        self.setMaximumHeight(14)
+        self.setScaledContents(True)
+        self._cmap = None
+
+    def set_colormap(self, cmap: str):
+        if cmap == self._cmap:
+            return
+        from matplotlib import colormaps
+
+        rgba = (colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+        strip = np.ascontiguousarray(np.repeat(rgba[None], 8, axis=0))
+        self._image = QImage(strip.data, 256, 8, 3 * 256, QImage.Format.Format_RGB888).copy()
+        self.setPixmap(QPixmap.fromImage(self._image))
+        self._cmap = cmap

@@ -1,0 +1,262 @@
+"""GUI tests of the dock widgets with a real napari viewer (pytest-qt): data -> fit in a worker -> results."""
+
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari.utils.notifications import notification_manager  # noqa: E402
+
+from napari_cell2location._layers import CONTEXT_KEY, feature_name  # noqa: E402
+from napari_cell2location._qt import Cell2locationDock  # noqa: E402
+from napari_cell2location._sample_data import synthetic_section_layers  # noqa: E402
+
+# tiny data and few steps: the CPU is shared
+N_SPOTS, N_GENES, N_TYPES = 60, 40, 4
+
+
+@pytest.fixture(scope="module")
+def tiny_layers():
+    return synthetic_section_layers(n_spots=N_SPOTS, n_genes=N_GENES, n_cell_types=N_TYPES, seed=1)
+
+
+def _fresh(layers):
+    """Copies of the layer data with a fresh copy of the table (fits write into it)."""
+    import copy
+
+    out = []
+    for data, kwargs, kind in layers:
+        kwargs = dict(kwargs)
+        if "metadata" in kwargs:
+            ctx = copy.copy(kwargs["metadata"][CONTEXT_KEY])
+            ctx.adata = ctx.adata.copy()
+            ctx.extra = dict(ctx.extra)
+            kwargs["metadata"] = {CONTEXT_KEY: ctx}
+        out.append((data, kwargs, kind))
+    return out
+
+
+def _add(viewer, layers):
+    added = []
+    for data, kwargs, kind in layers:
+        added.append(getattr(viewer, f"add_{kind}")(data, **kwargs))
+    return added
+
+
+@pytest.fixture
+def setup(make_napari_viewer, tiny_layers):
+    viewer = make_napari_viewer()
+    _add(viewer, _fresh(tiny_layers))
+    dock = Cell2locationDock(viewer)
+    viewer.window.add_dock_widget(dock, name="Cell2location")
+    return viewer, dock
+
+
+def _wait_fit(qtbot, fit, timeout=120_000):
+    qtbot.waitUntil(lambda: fit.worker is None, timeout=timeout)
+
+
+def _notifications_since(n):
+    return [str(r.message) for r in notification_manager.records[n:]]
+
+
+def test_data_widget_picks_sample_and_bundled_signatures(setup):
+    viewer, dock = setup
+    spots = viewer.layers["synthetic section"]
+    assert dock.data.spots.value is spots
+    assert dock.data.batch.value == "batch"
+    d = dock.data.describe()
+    assert d == {"spots": N_SPOTS, "genes": N_GENES, "cell_types": N_TYPES, "shared_genes": N_GENES, "batches": 2}
+    assert f"{N_SPOTS} spots" in dock.data.summary.value and f"genes shared: {N_GENES}" in dock.data.summary.value
+    assert dock.fit.run_button.enabled
+
+
+def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_path):
+    viewer, dock = setup
+    dock.fit.epochs.value = 6
+    dock.fit.lr.value = 0.01
+    worker = dock.fit.run()
+    assert worker is not None and not dock.fit.run_button.enabled and dock.fit.cancel_button.enabled
+    assert dock.fit.run() is None  # a second Run while running does nothing
+    _wait_fit(qtbot, dock.fit)
+    assert dock.fit.run_button.enabled and not dock.fit.cancel_button.enabled
+    assert dock.fit.progress.value == 6 and len(dock.fit.losses) == 6
+    assert dock.fit.status.value.startswith("done"), dock.fit.status.value
+
+    results = viewer.layers["cell abundance"]
+    types = [f"Type_{i:02d}" for i in range(N_TYPES)]
+    for stat in ("means", "stds", "q05", "q50", "q95"):
+        for ct in types:
+            assert feature_name(stat, ct) in results.features
+    for col in ("total_counts", "total_cells", "detection_y_s", "reconstruction_r"):
+        assert col in results.features
+    assert len(results.data) == N_SPOTS
+    np.testing.assert_allclose(results.data, viewer.layers["synthetic section"].data)
+    # the table holds cell2location's keys
+    adata = dock.session.context().adata
+    assert "q05_cell_abundance_w_sf" in adata.obsm and "mod" in adata.uns
+    assert list(adata.obsm["q05_cell_abundance_w_sf"].columns)[0] == "q05cell_abundance_w_sf_Type_00"
+
+    # results widget follows; colours change with the cell type
+    res = dock.results
+    assert res.layer.value is results
+    res.show(types[0], "q05")
+    c0 = results.face_color.copy()
+    res.show(types[1], "q05")
+    c1 = results.face_color.copy()
+    assert not np.allclose(c0, c1)
+    assert results.metadata["shown"] == ("q05", types[1])
+    # expected colours: robust-limited magma of that feature
+    from napari_cell2location._layers import robust_limits, value_colors
+
+    v = results.features[feature_name("q05", types[1])].to_numpy()
+    np.testing.assert_allclose(c1, value_colors(v, "magma", robust_limits(v)), atol=1e-6)
+    res.show(types[1], "q95")
+    assert not np.allclose(results.face_color, c1)
+    res.show_composite(types[:3])
+    assert results.metadata["shown"] == ("q95", tuple(types[:3]))
+    assert "Type_02" in res.legend.value
+
+    # hover: the status shows the spot's values
+    status = results.get_status(results.data[0], world=True)
+    assert "q05 Type_00" in str(status)
+
+    # QC widget
+    qc = dock.qc
+    assert qc.color_by("reconstruction_r")
+    worst = qc.select_worst(10)
+    assert 1 <= len(worst) <= N_SPOTS // 5 and set(worst) == results.selected_data
+    qc.show_spot(int(worst[0]))
+    assert "cells" in qc.spot_label.value
+    assert len(qc.spot_plot.axes[0].patches) > 0 and len(qc.overview.axes[0].collections) > 0
+
+    # save (SpatialData zarr) and read back through the reader
+    out = dock.fit.save(path=tmp_path / "fit.zarr")
+    assert out is not None and out.exists()
+    from napari_cell2location._reader import napari_get_reader
+
+    layers = napari_get_reader(str(out))(str(out))
+    feats = layers[-1][1]["features"]
+    assert feature_name("q05", types[0]) in feats
+    np.testing.assert_allclose(
+        feats[feature_name("q05", types[0])].to_numpy(), results.features[feature_name("q05", types[0])], rtol=1e-5
+    )
+
+
+def test_cancel_stops_worker_and_viewer_responds(setup, qtbot):
+    viewer, dock = setup
+    dock.fit.epochs.value = 5000
+    n0 = len(notification_manager.records)
+    dock.fit.run()
+    qtbot.waitUntil(lambda: len(dock.fit.losses) >= 2, timeout=60_000)
+    t0 = time.perf_counter()
+    dock.fit.cancel()
+    _wait_fit(qtbot, dock.fit, timeout=20_000)
+    assert time.perf_counter() - t0 < 15
+    assert len(dock.fit.losses) < 5000
+    assert dock.fit.status.value.startswith("cancelled")
+    assert dock.fit.run_button.enabled and not dock.fit.cancel_button.enabled
+    assert "cell abundance" not in viewer.layers
+    assert any("cancelled" in m for m in _notifications_since(n0))
+    # the viewer still responds
+    viewer.add_points(np.zeros((1, 2)), name="after cancel")
+    viewer.layers["after cancel"].face_color = "red"
+    qtbot.wait(10)
+    assert "after cancel" in viewer.layers
+
+
+def test_bad_reference_notifies_and_changes_nothing(setup, tmp_path):
+    viewer, dock = setup
+    before = dock.session.signatures
+    summary = dock.data.summary.value
+    bad = tmp_path / "bad.csv"
+    bad.write_text("gene,TypeA\nG1,abc\nG2,def\n")
+    n0 = len(notification_manager.records)
+    assert dock.data.load_reference(path=bad) is False
+    assert dock.session.signatures is before
+    assert dock.data.summary.value == summary
+    msgs = _notifications_since(n0)
+    assert msgs and "bad.csv" in msgs[-1] and "non-numeric" in msgs[-1]
+    # wrong extension, and a missing file
+    assert dock.data.load_reference(path=tmp_path / "sig.xlsx") is False
+    other = tmp_path / "sig.xlsx"
+    other.write_text("x")
+    assert dock.data.load_reference(path=other) is False
+    assert dock.session.signatures is before
+
+
+def test_good_reference_csv_and_set_signatures(setup, tmp_path):
+    viewer, dock = setup
+    sig = dock.session.signatures.iloc[:30, :3] * 2
+    path = tmp_path / "sig.csv"
+    sig.to_csv(path)
+    assert dock.data.load_reference(path=path)
+    assert dock.session.signatures.shape == (30, 3)
+    assert dock.data.describe()["shared_genes"] == 30
+    dock.data.set_signatures(sig.iloc[:, :2], source="other widget")
+    assert dock.data.describe()["cell_types"] == 2 and "other widget" in dock.data.summary.value
+
+
+def test_set_n_cells_per_location(setup):
+    viewer, dock = setup
+    dock.fit.set_n_cells_per_location(5.0)
+    assert dock.fit.settings()["N_cells_per_location"] == 5.0
+    per_spot = np.linspace(3, 9, N_SPOTS)
+    dock.fit.set_n_cells_per_location(per_spot)
+    s = dock.fit.settings()["N_cells_per_location"]
+    assert isinstance(s, np.ndarray) and s.shape == (N_SPOTS,)
+    assert dock.fit.n_cells.value == pytest.approx(6.0)
+    assert "per-spot" in dock.fit.n_cells_note.value
+    with pytest.raises(ValueError):
+        dock.fit.set_n_cells_per_location(np.ones(N_SPOTS + 1))
+    dock.fit.n_cells.value = 7.0  # the user types a number: back to a global prior
+    assert dock.fit.settings()["N_cells_per_location"] == 7.0
+
+
+def test_fit_error_becomes_notification(setup, qtbot):
+    viewer, dock = setup
+    n0 = len(notification_manager.records)
+    # signatures sharing no gene with the spots: the core refuses, the widget notifies
+    dock.data.set_signatures(pd.DataFrame(np.ones((30, 2)), index=[f"X{i}" for i in range(30)], columns=["a", "b"]))
+    dock.fit.epochs.value = 2
+    dock.fit.run()
+    _wait_fit(qtbot, dock.fit)
+    assert dock.fit.status.value.startswith("failed")
+    assert any("fit failed" in m for m in _notifications_since(n0))
+    assert "cell abundance" not in viewer.layers
+
+
+def test_dropdowns_refresh_and_user_layer(setup):
+    viewer, dock = setup
+    import anndata
+
+    rng = np.random.default_rng(0)
+    adata = anndata.AnnData(rng.poisson(2, size=(10, 25)).astype(np.float32))
+    adata.var_names = [f"g{i}" for i in range(25)]
+    layer = viewer.add_points(rng.uniform(0, 100, (10, 2)), name="my spots", metadata={"adata": adata})
+    assert layer in [c[1] for c in dock.data._spot_choices()]
+    dock.data.spots.value = layer
+    assert dock.data.describe()["spots"] == 10
+    viewer.layers.remove(layer)
+    assert layer not in [c[1] for c in dock.data._spot_choices()]
+    # a user-made layer with abundance features appears in the results widget
+    feats = pd.DataFrame({"q05 A": np.arange(5.0), "q05 B": np.arange(5.0)[::-1]})
+    user = viewer.add_points(np.zeros((5, 2)), features=feats, name="user results")
+    assert dock.results.layer.value is user or user in [c[1] for c in dock.results._layer_choices()]
+    dock.results.layer.value = user
+    dock.results.show("B", "q05")
+    assert user.face_color[0, 0] != user.face_color[-1, 0] or not np.allclose(user.face_color[0], user.face_color[-1])
+
+
+@pytest.mark.skipif(os.environ.get("QT_QPA_PLATFORM") == "offscreen", reason="images need OpenGL (use xvfb-run)")
+def test_dock_from_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget, dock = viewer.window.add_plugin_dock_widget("napari-cell2location", "Cell2location")
+    assert isinstance(dock, Cell2locationDock)
+    viewer.open_sample("napari-cell2location", "synthetic_visium")
+    assert dock.data.spots.value is not None and dock.data.describe()["cell_types"] == 15
