@@ -25,14 +25,16 @@ _LAZY = {
     "Cell2locationModule": "napari_cell2location.model",
     "NoFactorisationModule": "napari_cell2location.model",
     "NoMGModule": "napari_cell2location.model",
+    "RegressionModel": "napari_cell2location.reference",
 }
-_SUBMODULES = {"datasets", "model", "io", "nuclei", "plotting"}
+_SUBMODULES = {"datasets", "model", "io", "nuclei", "plotting", "reference"}
 
 __all__ = ["__version__", *_LAZY, *sorted(_SUBMODULES)]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import datasets, io, model, nuclei, plotting  # noqa: F401
+    from . import datasets, io, model, nuclei, plotting, reference  # noqa: F401
     from .model import Cell2location  # noqa: F401
+    from .reference import RegressionModel  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

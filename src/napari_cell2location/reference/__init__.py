@@ -1,0 +1,27 @@
+"""Reference signatures from labelled single-cell data (``spec/MODEL.md`` §4).
+
+Gene selection (:func:`filter_genes`), per-type mean counts (:func:`cluster_average_signatures`) and
+the negative binomial :class:`RegressionModel`, whose ``export_posterior`` writes
+``varm['means_per_cluster_mu_fg']`` like the original cell2location. Imports no Qt and no napari.
+"""
+
+from ._filter import filter_genes, gene_filter_stats, plot_filter_genes
+from ._module import RegressionBackgroundDetectionTechPyroModel
+from ._regression import RegressionModel, default_max_epochs
+from ._signatures import cluster_average_signatures, compute_cluster_averages, signatures_from_adata
+from ._validate import MIN_CELLS_PER_LABEL, ReferenceInputs, check_reference
+
+__all__ = [
+    "MIN_CELLS_PER_LABEL",
+    "ReferenceInputs",
+    "RegressionBackgroundDetectionTechPyroModel",
+    "RegressionModel",
+    "check_reference",
+    "cluster_average_signatures",
+    "compute_cluster_averages",
+    "default_max_epochs",
+    "filter_genes",
+    "gene_filter_stats",
+    "plot_filter_genes",
+    "signatures_from_adata",
+]
