@@ -1,4 +1,4 @@
-"""Command line: ``napari-cell2location fit | demo``.
+"""Command line: ``napari-cell2location fit | demo | reference``.
 
 ``fit`` runs the headless pipeline on a file; ``demo --headless`` runs it on the built-in
 synthetic section and writes results and a PNG map. Bad input exits non-zero with a one-line
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-genes", type=_positive_int, default=1000, help="genes in the synthetic section")
     demo.add_argument("--n-cell-types", type=_positive_int, default=15, help="cell types")
     _add_fit_options(demo, epochs=1500, lr=0.01)
+    _add_reference_parser(sub)
     return parser
 
 
@@ -220,11 +221,111 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_reference_parser(sub) -> None:
+    ref = sub.add_parser(
+        "reference", help="estimate cell-type signatures from a labelled single-cell reference (.h5ad)"
+    )
+    ref.add_argument("reference", help="labelled single-cell reference: .h5ad with raw counts")
+    ref.add_argument("--labels-key", required=True, help="column of obs with the cell type of each cell")
+    ref.add_argument("--batch-key", default=None, help="column of obs with the batch (sample) of each cell")
+    ref.add_argument("--out", required=True, help="output signatures table: .csv or .tsv (genes x cell types)")
+    ref.add_argument("--out-h5ad", default=None, help="also write the reference with varm['means_per_cluster_mu_fg']")
+    ref.add_argument("--layer", default=None, help="layer with raw counts (default X)")
+    ref.add_argument(
+        "--method",
+        choices=("regression", "average"),
+        default="regression",
+        help="regression: the NB RegressionModel (default); average: per-type mean counts (fast)",
+    )
+    ref.add_argument(
+        "--categorical-covariate-keys", nargs="+", default=None, help="obs columns of technical covariates"
+    )
+    ref.add_argument("--no-filter", action="store_true", help="keep every gene (skip filter_genes)")
+    ref.add_argument("--cell-count-cutoff", type=float, default=15, help="filter_genes cut-off (default 15)")
+    ref.add_argument("--cell-percentage-cutoff2", type=float, default=0.05, help="filter_genes cut-off (default 0.05)")
+    ref.add_argument("--nonz-mean-cutoff", type=float, default=1.12, help="filter_genes cut-off (default 1.12)")
+    ref.add_argument(
+        "--max-epochs", type=_positive_int, default=None, help="epochs (default min(20000 / n_cells * 400, 400))"
+    )
+    ref.add_argument("--batch-size", type=_positive_int, default=2500, help="cells per minibatch (default 2500)")
+    ref.add_argument("--lr", type=_positive_float, default=0.002, help="learning rate (default 0.002)")
+    ref.add_argument("--num-samples", type=_positive_int, default=1000, help="posterior samples (default 1000)")
+    ref.add_argument("--use-quantiles", action="store_true", help="summaries straight from the guide (no sampling)")
+    ref.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    ref.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ref.add_argument("--quiet", action="store_true", help="no progress bar or log")
+
+
+def cmd_reference(args) -> int:
+    out = Path(args.out)
+    seps = {".csv": ",", ".tsv": "\t"}
+    if out.suffix.lower() not in seps:
+        raise CLIError(f"--out must end in .csv or .tsv, got {args.out!r}")
+    if args.out_h5ad and Path(args.out_h5ad).suffix.lower() != ".h5ad":
+        raise CLIError(f"--out-h5ad must end in .h5ad, got {args.out_h5ad!r}")
+    path = Path(args.reference)
+    if not path.is_file() or path.suffix.lower() != ".h5ad":
+        raise CLIError(f"the reference must be an existing .h5ad file, got {args.reference!r}")
+    import anndata
+
+    from .reference import RegressionModel, cluster_average_signatures, filter_genes, signatures_from_adata
+
+    t0 = time.perf_counter()
+    adata = anndata.read_h5ad(path)
+    if not args.no_filter:
+        genes = filter_genes(
+            adata,
+            cell_count_cutoff=args.cell_count_cutoff,
+            cell_percentage_cutoff2=args.cell_percentage_cutoff2,
+            nonz_mean_cutoff=args.nonz_mean_cutoff,
+            layer=args.layer,
+        )
+        if len(genes) == 0:
+            raise CLIError("filter_genes kept no gene; lower the cut-offs or pass --no-filter")
+        logger.info("filter_genes kept %d of %d genes", len(genes), adata.n_vars)
+        adata = adata[:, genes].copy()
+    if args.method == "average":
+        signatures = cluster_average_signatures(adata, args.labels_key, layer=args.layer)
+    else:
+        RegressionModel.setup_anndata(
+            adata,
+            layer=args.layer,
+            batch_key=args.batch_key,
+            labels_key=args.labels_key,
+            categorical_covariate_keys=args.categorical_covariate_keys,
+        )
+        mod = RegressionModel(adata)
+        mod.train(
+            max_epochs=args.max_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            device=args.device,
+            seed=args.seed,
+            progress_bar=not args.quiet,
+        )
+        mod.export_posterior(adata, sample_kwargs={"num_samples": args.num_samples}, use_quantiles=args.use_quantiles)
+        signatures = signatures_from_adata(adata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    signatures.to_csv(out, sep=seps[out.suffix.lower()])
+    if args.out_h5ad:
+        if args.method == "average":
+            adata.varm["means_per_cluster_mu_fg"] = signatures.set_axis(
+                [f"means_per_cluster_mu_fg_{c}" for c in signatures.columns], axis=1
+            )
+            adata.uns["mod"] = {"factor_names": list(signatures.columns)}
+        adata.write_h5ad(args.out_h5ad)
+    print(
+        f"wrote {out} ({signatures.shape[0]} genes x {signatures.shape[1]} cell types, method {args.method}) "
+        f"in {time.perf_counter() - t0:.0f} s"
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
-    handlers = {"fit": cmd_fit, "demo": cmd_demo}
+    handlers = {"fit": cmd_fit, "demo": cmd_demo, "reference": cmd_reference}
     try:
         return handlers[args.command](args)
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
