@@ -260,3 +260,30 @@ def test_dock_from_manifest(make_napari_viewer):
     assert isinstance(dock, Cell2locationDock)
     viewer.open_sample("napari-cell2location", "synthetic_visium")
     assert dock.data.spots.value is not None and dock.data.describe()["cell_types"] == 15
+
+
+def test_switching_cell_type_is_instant_for_5000_spots(make_napari_viewer, qtbot):
+    """Switching the coloured cell type on 5,000 spots (layer update + repaint) stays well under 0.1 s."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_cell2location._qt import ResultsWidget
+
+    rng = np.random.default_rng(0)
+    n, types = 5000, [f"T{i:02d}" for i in range(20)]
+    feats = pd.DataFrame({feature_name(s, t): rng.gamma(1, 2, n) for s in ("means", "q05", "q95") for t in types})
+    viewer = make_napari_viewer()
+    layer = viewer.add_points(rng.uniform(0, 5000, (n, 2)), features=feats, size=40, name="big")
+    res = ResultsWidget(viewer)
+    viewer.window.add_dock_widget(res)
+    assert res.layer.value is layer
+    res.show(types[0], "q05")
+    QApplication.processEvents()
+    times = []
+    for i in range(1, 15):
+        t0 = time.perf_counter()
+        res.cell_type.value = types[i]  # as the user does: through the dropdown
+        QApplication.processEvents()
+        times.append(time.perf_counter() - t0)
+    assert layer.metadata["shown"] == ("q05", types[14])
+    print(f"switch 5000 spots: median {np.median(times) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms")
+    assert np.median(times) < 0.1, times

@@ -48,14 +48,16 @@ class ResultsWidget(Container):
         self.session.widgets["results"] = self
         self.layer = ComboBox(label="layer", choices=self._layer_choices, nullable=True)
         self.mode = RadioButtons(label="view", choices=[SINGLE, COMPOSITE], value=SINGLE, orientation="horizontal")
-        self.cell_type = ComboBox(label="cell type", choices=[])
-        self.stat = ComboBox(label="statistic", choices=[])
+        # choices are callables of the current layer, so a container-wide reset_choices (napari calls it on
+        # docked magicgui widgets) keeps them
+        self.cell_type = ComboBox(label="cell type", choices=self._type_choices)
+        self.stat = ComboBox(label="statistic", choices=self._stat_choices)
         self.cmap = ComboBox(label="colormap", choices=list(CMAPS), value="magma")
         self.lo_pct = FloatSpinBox(label="low percentile", value=1.0, min=0.0, max=100.0, step=1.0)
         self.hi_pct = FloatSpinBox(label="high percentile", value=99.0, min=0.0, max=100.0, step=1.0)
         self.colorbar = ColorBar()
         self.limits = Label(label="", value="")
-        self.composite_types = Select(label=f"composite (≤{len(COMPOSITE_COLORS)})", choices=[])
+        self.composite_types = Select(label=f"composite (≤{len(COMPOSITE_COLORS)})", choices=self._type_choices)
         self.composite_types.native.setMaximumHeight(120)
         self.legend = Label(label="", value="")
         self.extend(
@@ -78,6 +80,12 @@ class ResultsWidget(Container):
             if isinstance(lyr, napari.layers.Points) and result_stats_and_types(lyr)[1]
         ]
 
+    def _type_choices(self, _widget=None):
+        return result_stats_and_types(getattr(self, "layer", None) and self.layer.value)[1]
+
+    def _stat_choices(self, _widget=None):
+        return result_stats_and_types(getattr(self, "layer", None) and self.layer.value)[0]
+
     def _refresh(self, _event=None, select=None):
         self.layer.reset_choices()
         if select is not None and select in [c[1] for c in self._layer_choices()]:
@@ -88,36 +96,33 @@ class ResultsWidget(Container):
 
     def _on_layer(self, layer):
         stats, types = result_stats_and_types(layer)
-        with self.changed.blocked():
+        for w in (self.cell_type, self.stat, self.composite_types):
+            w.changed.block()
+        try:
             for w in (self.cell_type, self.stat, self.composite_types):
-                w.changed.block()
-            try:
-                self.cell_type.choices = types
-                self.stat.choices = stats
-                if "q05" in stats:
-                    self.stat.value = "q05"
-                self.composite_types.choices = types
-                self.composite_types.value = types[: min(3, len(types))]
-            finally:
-                for w in (self.cell_type, self.stat, self.composite_types):
-                    w.changed.unblock()
+                w.reset_choices()
+            if "q05" in stats:
+                self.stat.value = "q05"
+            self.composite_types.value = types[: min(3, len(types))]
+        finally:
+            for w in (self.cell_type, self.stat, self.composite_types):
+                w.changed.unblock()
         self.recolor()
 
     # ------------------------------------------------------------------ colouring
     def show(self, cell_type: str | None = None, stat: str | None = None):
         """Colour by ``stat`` of ``cell_type`` (one recolouring)."""
-        with self.changed.blocked():
+        for w in (self.cell_type, self.stat, self.mode):
+            w.changed.block()
+        try:
+            self.mode.value = SINGLE
+            if stat is not None:
+                self.stat.value = stat
+            if cell_type is not None:
+                self.cell_type.value = cell_type
+        finally:
             for w in (self.cell_type, self.stat, self.mode):
-                w.changed.block()
-            try:
-                self.mode.value = SINGLE
-                if stat is not None:
-                    self.stat.value = stat
-                if cell_type is not None:
-                    self.cell_type.value = cell_type
-            finally:
-                for w in (self.cell_type, self.stat, self.mode):
-                    w.changed.unblock()
+                w.changed.unblock()
         self.recolor()
 
     def show_composite(self, cell_types: list[str], stat: str | None = None):
