@@ -8,7 +8,7 @@ The default detector needs only scipy and scikit-image:
 2. a difference of Gaussians matched to the nucleus size (``sigma = r / 2`` minus a background at
    ``3 r``, ``r`` the nucleus radius in pixels), which keeps blobs of nucleus size and removes the slowly
    varying tissue stain; the small inner sigma keeps touching nuclei apart;
-3. local maxima at least ``0.6 r`` apart (:func:`skimage.feature.peak_local_max`) whose response
+3. local maxima of windows ``0.6 r`` in half-width (as :func:`skimage.feature.peak_local_max`) whose response
    exceeds a threshold; ``threshold='auto'`` picks it from all candidate maxima of the image (see
    :func:`auto_threshold`).
 
@@ -103,14 +103,40 @@ def _tiles(shape: tuple[int, int], chunk: int) -> list[tuple[int, int, int, int]
     return [(r, min(r + chunk, h), c, min(c + chunk, w)) for r in range(0, h, chunk) for c in range(0, w, chunk)]
 
 
+def _local_maxima(response: np.ndarray, min_distance: int) -> np.ndarray:
+    """(row, col) of positive local maxima: equal to the maximum of their (2 d + 1)² window.
+
+    A plateau of equal maxima (touching pixels) gives one point, its pixel nearest to its centroid. This is
+    :func:`skimage.feature.peak_local_max`'s rule without its pairwise spacing pass, which is a Python loop
+    over all candidates and dominated the run time.
+    """
+    from scipy import ndimage
+
+    size = 2 * int(min_distance) + 1
+    is_max = (response == ndimage.maximum_filter(response, size=size, mode="nearest")) & (response > 0)
+    rr, cc = np.nonzero(is_max)
+    if rr.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    labels, n = ndimage.label(is_max, structure=np.ones((3, 3), dtype=bool))
+    if n == rr.size:  # no plateaus: every maximum is a single pixel
+        return np.stack([rr, cc], axis=1)
+    lab = labels[rr, cc]
+    count = np.bincount(lab, minlength=n + 1)
+    mr = np.bincount(lab, rr, minlength=n + 1) / np.maximum(count, 1)
+    mc = np.bincount(lab, cc, minlength=n + 1) / np.maximum(count, 1)
+    dist = (rr - mr[lab]) ** 2 + (cc - mc[lab]) ** 2
+    order = np.lexsort((dist, lab))
+    first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
+    return np.stack([rr[first], cc[first]], axis=1)
+
+
 def _dog_peaks(signal: np.ndarray, radius_px: float, min_distance: int) -> tuple[np.ndarray, np.ndarray]:
     """Local maxima (row, col) of the nucleus-sized difference of Gaussians, and their responses."""
     from scipy import ndimage
-    from skimage.feature import peak_local_max
 
     fine = ndimage.gaussian_filter(signal, 0.5 * radius_px, truncate=4.0)
     fine -= ndimage.gaussian_filter(signal, 3.0 * radius_px, truncate=4.0)
-    peaks = peak_local_max(fine, min_distance=min_distance, threshold_abs=0.0, exclude_border=False)
+    peaks = _local_maxima(fine, min_distance)
     return peaks, fine[peaks[:, 0], peaks[:, 1]]
 
 
