@@ -1,0 +1,439 @@
+"""Reference: labelled single-cell .h5ad -> gene filter -> signatures (regression or averages) -> the Data tab.
+
+Thin widget over :mod:`napari_cell2location.reference`: it collects settings, draws the gene filter's
+2D histogram, trains in a worker thread (progress bar, cancel between steps), saves the signatures
+as CSV and hands them to the Data widget (``DataWidget.set_signatures``) and to anyone connected to
+:attr:`ReferenceWidget.signatures_ready`.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import napari.viewer
+import pandas as pd
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.utils.notifications import show_error, show_info, show_warning
+from psygnal import Signal
+
+from ._mpl import MplCanvas
+from ._session import get_session
+
+logger = logging.getLogger(__name__)
+
+NO_BATCH = "(one batch)"
+X_LAYER = "X"
+METHODS = {"NB regression (RegressionModel)": "regression", "cluster averages (fast)": "average"}
+_LABEL_GUESSES = ("cell_type", "celltype", "cell_types", "labels", "label", "annotation", "cluster", "leiden")
+_BATCH_GUESSES = ("batch", "sample", "donor", "library", "sample_id")
+
+
+def reference_job(adata, settings: dict):
+    """Generator run in the worker: filter genes, then average or train the regression.
+
+    Yields ``('model', RegressionModel)``, one :class:`~napari_cell2location.model.TrainStep` per
+    step, ``('exporting', None)``; returns ``(signatures, model or None, filtered adata)``.
+    """
+    from ..reference import RegressionModel, cluster_average_signatures, filter_genes
+
+    layer = settings.get("layer")
+    if settings.get("filter", True):
+        genes = filter_genes(
+            adata,
+            cell_count_cutoff=settings["cell_count_cutoff"],
+            cell_percentage_cutoff2=settings["cell_percentage_cutoff2"],
+            nonz_mean_cutoff=settings["nonz_mean_cutoff"],
+            layer=layer,
+        )
+        if len(genes) == 0:
+            raise ValueError("the gene filter keeps no gene; lower the cut-offs")
+        adata = adata[:, genes].copy()
+    else:
+        adata = adata.copy()
+    if settings["method"] == "average":
+        return cluster_average_signatures(adata, settings["labels_key"], layer=layer), None, adata
+    RegressionModel.setup_anndata(
+        adata, layer=layer, batch_key=settings.get("batch_key"), labels_key=settings["labels_key"]
+    )
+    mod = RegressionModel(adata)
+    yield ("model", mod)
+    yield from mod.iter_train(
+        max_epochs=settings.get("max_epochs"),
+        batch_size=settings.get("batch_size"),
+        lr=settings["lr"],
+        device=settings.get("device", "auto"),
+        seed=settings.get("seed", 0),
+    )
+    yield ("exporting", None)
+    mod.export_posterior(adata, add_to_varm=["means", "stds", "q05", "q95"], use_quantiles=True)
+    from ..reference import signatures_from_adata
+
+    return signatures_from_adata(adata), mod, adata
+
+
+class ReferenceWidget(Container):
+    """Estimate reference signatures from a labelled single-cell ``.h5ad`` and send them to the fit.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer (its session receives the signatures).
+
+    Attributes
+    ----------
+    adata : anndata.AnnData or None
+        The reference opened.
+    signatures : pandas.DataFrame or None
+        The last signatures (n_genes, n_cell_types).
+    model : napari_cell2location.reference.RegressionModel or None
+        The last trained regression.
+    signatures_ready : psygnal.Signal
+        Emitted with the signatures DataFrame when a run finishes.
+    """
+
+    signatures_ready = Signal(object)
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.session.widgets["reference"] = self
+        self.adata = None
+        self.signatures = None
+        self.model = None
+        self.worker = None
+        self._stats = None
+        self.losses: list = []
+
+        self.path = FileEdit(label="reference .h5ad", mode="r", filter="AnnData (*.h5ad)")
+        self.open_button = PushButton(text="Open reference")
+        self.info = Label(label="", value="Open a labelled single-cell reference (raw counts).")
+        self.labels_key = ComboBox(label="labels column", choices=[])
+        self.batch_key = ComboBox(label="batch column", choices=[NO_BATCH])
+        self.layer = ComboBox(label="counts", choices=[X_LAYER])
+        self.label_note = Label(label="", value="")
+        self.filter = CheckBox(text="filter genes", value=True)
+        self.cell_count_cutoff = FloatSpinBox(label="min cells", value=15, min=0, max=1e6, step=1)
+        self.cell_percentage_cutoff2 = FloatSpinBox(label="min fraction", value=0.05, min=0, max=1, step=0.01)
+        self.nonz_mean_cutoff = FloatSpinBox(label="min non-zero mean", value=1.12, min=0, max=1e3, step=0.02)
+        self.filter_note = Label(label="", value="")
+        self.plot = MplCanvas(height=2.6)
+        self.method = ComboBox(label="method", choices=list(METHODS))
+        self.epochs = SpinBox(label="epochs (0 = auto)", value=0, min=0, max=100000)
+        self.batch_size = SpinBox(label="cells per batch", value=2500, min=1, max=10_000_000)
+        self.lr = FloatSpinBox(label="learning rate", value=0.002, min=1e-5, max=1.0, step=0.001)
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
+        self.run_button = PushButton(text="Estimate signatures")
+        self.cancel_button = PushButton(text="Cancel")
+        self.progress = ProgressBar(label="progress", value=0, max=1)
+        self.status = Label(label="", value="")
+        self.send_button = PushButton(text="Use for the fit (Data tab)")
+        self.save_path = FileEdit(label="save as", mode="w", filter="CSV (*.csv)", value="signatures.csv")
+        self.save_button = PushButton(text="Save signatures CSV")
+        self.extend(
+            [
+                self.path,
+                self.open_button,
+                self.info,
+                self.labels_key,
+                self.batch_key,
+                self.layer,
+                self.label_note,
+                self.filter,
+                self.cell_count_cutoff,
+                self.cell_percentage_cutoff2,
+                self.nonz_mean_cutoff,
+                self.filter_note,
+                self.plot,
+                self.method,
+                self.epochs,
+                self.batch_size,
+                self.lr,
+                self.device,
+                self.run_button,
+                self.cancel_button,
+                self.progress,
+                self.status,
+                self.send_button,
+                self.save_path,
+                self.save_button,
+            ]
+        )
+        self.open_button.changed.connect(self.open_reference)
+        self.labels_key.changed.connect(self._on_labels)
+        self.layer.changed.connect(self._on_layer)
+        for w in (self.filter, self.cell_count_cutoff, self.cell_percentage_cutoff2, self.nonz_mean_cutoff):
+            w.changed.connect(self.draw_filter)
+        self.method.changed.connect(self._on_method)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.send_button.changed.connect(self.send_to_fit)
+        self.save_button.changed.connect(self.save)
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ opening
+    def open_reference(self, _value=None, path=None):
+        """Read a reference ``.h5ad`` (on error a notification, and the current reference stays)."""
+        import anndata
+
+        path = Path(path if path is not None else self.path.value)
+        if path.suffix.lower() != ".h5ad" or not path.is_file():
+            show_error(f"Choose a labelled single-cell .h5ad file, not {str(path)!r}.")
+            return False
+        try:
+            adata = anndata.read_h5ad(path)
+        except (OSError, ValueError, KeyError) as err:
+            show_error(f"Cannot read {path.name}: {err}")
+            return False
+        self.set_reference(adata, source=path.name)
+        return True
+
+    def set_reference(self, adata, source: str = "reference"):
+        """Use ``adata`` (cells x genes, raw counts, labels in ``obs``) as the reference."""
+        self.adata = adata
+        self.source = source
+        self.signatures, self.model = None, None
+        obs = adata.obs
+        cols = [
+            str(c)
+            for c in obs.columns
+            if isinstance(obs[c].dtype, pd.CategoricalDtype) or obs[c].dtype == object or obs[c].dtype == bool
+        ]
+        self.labels_key.choices = cols
+        self.batch_key.choices = [NO_BATCH, *cols]
+        self.layer.choices = [X_LAYER, *[str(k) for k in adata.layers.keys()]]
+        guess = next((c for g in _LABEL_GUESSES for c in cols if c.lower() == g), cols[0] if cols else None)
+        if guess is not None:
+            self.labels_key.value = guess
+        batch = next((c for g in _BATCH_GUESSES for c in cols if c.lower() == g), NO_BATCH)
+        self.batch_key.value = batch
+        self.info.value = f"{source}: {adata.n_obs} cells x {adata.n_vars} genes"
+        if not cols:
+            show_warning(f"{source} has no categorical obs column to use as cell-type labels.")
+        self._on_layer(self.layer.value)
+        self._on_labels(self.labels_key.value)
+        self._update_buttons()
+
+    def _on_layer(self, _value=None):
+        from ..reference import gene_filter_stats
+
+        self._stats = None
+        if self.adata is not None:
+            try:
+                self._stats = gene_filter_stats(self.adata, self.settings()["layer"])
+            except ValueError as err:
+                show_error(str(err))
+        self.draw_filter()
+
+    def _on_labels(self, value):
+        if self.adata is None or value is None:
+            self.label_note.value = ""
+            return
+        from ..reference import MIN_CELLS_PER_LABEL
+
+        counts = self.adata.obs[value].value_counts()
+        counts = counts[counts > 0]
+        small = counts[counts < MIN_CELLS_PER_LABEL]
+        text = f"{len(counts)} cell types, {int(counts.min())}-{int(counts.max())} cells each"
+        if len(small):
+            text += "; few cells: " + ", ".join(f"{k} ({v})" for k, v in small.sort_values().items())
+        self.label_note.value = text
+
+    def _on_method(self, value):
+        regression = METHODS[value] == "regression"
+        for w in (self.epochs, self.batch_size, self.lr, self.device):
+            w.enabled = regression
+
+    # ------------------------------------------------------------------ gene filter
+    def kept_genes(self) -> pd.Index:
+        """Genes the current cut-offs keep (all genes when filtering is off)."""
+        from ..reference._filter import _selection
+
+        if self._stats is None:
+            return pd.Index([])
+        if not self.filter.value:
+            return self._stats.index
+        s = self.settings()
+        keep = _selection(
+            self._stats, self.adata.n_obs, s["cell_count_cutoff"], s["cell_percentage_cutoff2"], s["nonz_mean_cutoff"]
+        )
+        return self._stats.index[keep]
+
+    def draw_filter(self, _value=None):
+        """Redraw the gene filter's 2D histogram with the current cut-offs."""
+        from ..reference import plot_filter_genes
+
+        ax = self.plot.axes[0]
+        ax.clear()
+        if self._stats is not None:
+            s = self.settings()
+            plot_filter_genes(
+                self._stats,
+                n_obs=self.adata.n_obs,
+                cell_count_cutoff=s["cell_count_cutoff"],
+                cell_percentage_cutoff2=s["cell_percentage_cutoff2"],
+                nonz_mean_cutoff=s["nonz_mean_cutoff"],
+                ax=ax,
+            )
+            ax.title.set_fontsize(8)
+            ax.xaxis.label.set_fontsize(8)
+            ax.yaxis.label.set_fontsize(8)
+            n = len(self.kept_genes())
+            self.filter_note.value = f"{n} of {self.adata.n_vars} genes kept" + ("" if self.filter.value else " (off)")
+        self.plot.draw()
+
+    # ------------------------------------------------------------------ run / cancel
+    def settings(self) -> dict:
+        """The settings the widgets hold."""
+        return {
+            "labels_key": self.labels_key.value,
+            "batch_key": None if self.batch_key.value in (None, NO_BATCH) else str(self.batch_key.value),
+            "layer": None if self.layer.value in (None, X_LAYER) else str(self.layer.value),
+            "filter": bool(self.filter.value),
+            "cell_count_cutoff": float(self.cell_count_cutoff.value),
+            "cell_percentage_cutoff2": float(self.cell_percentage_cutoff2.value),
+            "nonz_mean_cutoff": float(self.nonz_mean_cutoff.value),
+            "method": METHODS[self.method.value],
+            "max_epochs": int(self.epochs.value) or None,
+            "batch_size": int(self.batch_size.value),
+            "lr": float(self.lr.value),
+            "device": str(self.device.value),
+            "seed": 0,
+        }
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _update_buttons(self):
+        ready = self.adata is not None and self.labels_key.value is not None
+        self.run_button.enabled = ready and not self.running
+        self.cancel_button.enabled = self.running
+        done = self.signatures is not None and not self.running
+        self.save_button.enabled = done
+        self.send_button.enabled = done
+
+    def run(self, _value=None):
+        """Estimate the signatures in a worker thread (no-op while one runs); returns the worker."""
+        from napari.qt.threading import create_worker
+
+        from ..io import InputError
+        from ..reference import check_reference
+
+        if self.running:
+            return None
+        if self.adata is None or self.labels_key.value is None:
+            show_error("Open a reference .h5ad and choose its labels column first.")
+            return None
+        settings = self.settings()
+        try:  # fast checks on the main thread: a clear message before any work starts
+            check_reference(self.adata, settings["labels_key"], settings["batch_key"], settings["layer"])
+        except InputError as err:
+            show_error(f"Cannot use this reference: {err}")
+            return None
+        self.losses = []
+        self._t0 = time.perf_counter()
+        self.progress.max, self.progress.value = 1, 0
+        self.status.value = "filtering genes..."
+        self.worker = create_worker(reference_job, self.adata, settings, _ignore_errors=True)
+        self.worker.yielded.connect(self._on_yield)
+        self.worker.returned.connect(self._on_returned)
+        self.worker.errored.connect(self._on_error)
+        self.worker.aborted.connect(self._on_aborted)
+        self.worker.finished.connect(self._on_finished)
+        self._update_buttons()
+        self.worker.start()
+        return self.worker
+
+    def cancel(self, _value=None):
+        """Ask the worker to stop; it stops before the next training step."""
+        if self.worker is not None:
+            self.status.value = "cancelling..."
+            self.worker.quit()
+
+    def _on_yield(self, item):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            kind, value = item
+            if kind == "model":
+                self.status.value = (
+                    f"training: {value.n_obs} cells x {value.n_vars} genes, {value.n_factors} cell types"
+                )
+            elif kind == "exporting":
+                self.status.value = "exporting the posterior..."
+            return
+        step = item
+        if self.progress.max != step.total:
+            self.progress.max = step.total
+        self.progress.value = step.step
+        self.losses.append(float(step.loss))
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / step.step * (step.total - step.step)
+        self.status.value = f"step {step.step}/{step.total}  loss {step.loss:,.0f}  ETA {eta:.0f} s"
+
+    def _on_returned(self, result):
+        signatures, model, _adata = result
+        self.signatures, self.model = signatures, model
+        self.progress.value = self.progress.max
+        elapsed = time.perf_counter() - self._t0
+        self.status.value = f"done in {elapsed:.0f} s: {signatures.shape[1]} cell types x {signatures.shape[0]} genes"
+        self.signatures_ready.emit(signatures)
+        self.send_to_fit(quiet=True)
+
+    def _on_error(self, err):
+        logger.error("reference signatures failed: %s", err)
+        self.status.value = f"failed: {err}"
+        show_error(f"Reference signatures failed: {err}")
+
+    def _on_aborted(self):
+        self.status.value = f"cancelled after {len(self.losses)} steps; no signatures"
+        show_warning("Reference training cancelled; no signatures were made.")
+
+    def _on_finished(self):
+        self.worker = None
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ hand over / save
+    def send_to_fit(self, _value=None, quiet: bool = False):
+        """Give the signatures to the Data widget of this viewer (if one is open)."""
+        if self.signatures is None:
+            if not quiet:
+                show_error("No signatures yet: estimate them first.")
+            return False
+        data = self.session.widgets.get("data")
+        if data is None or not hasattr(data, "set_signatures"):
+            if not quiet:
+                show_warning("Open the Cell2location dock to fit with these signatures.")
+            return False
+        method = "regression" if self.model is not None else "cluster averages"
+        data.set_signatures(self.signatures, source=f"{getattr(self, 'source', 'reference')} ({method})")
+        dock = self.session.widgets.get("dock")
+        if dock is not None and hasattr(dock, "show_tab") and "Data" in getattr(dock, "_pages", {}):
+            dock.show_tab("Data")
+        return True
+
+    def save(self, _value=None, path=None):
+        """Write the signatures (genes x cell types) to a CSV file; returns the path or None."""
+        if self.signatures is None:
+            show_error("No signatures yet: estimate them first.")
+            return None
+        path = Path(path if path is not None else self.save_path.value)
+        if path.suffix.lower() not in (".csv", ".tsv"):
+            show_error(f"Save signatures to a .csv (or .tsv) file, not {path.name!r}.")
+            return None
+        try:
+            self.signatures.to_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+        except OSError as err:
+            show_error(f"Cannot save signatures to {path}: {err}")
+            return None
+        show_info(f"Saved signatures to {path}")
+        return path
