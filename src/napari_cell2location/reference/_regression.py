@@ -451,9 +451,13 @@ class RegressionModel:
         dict
             ``post_sample_{summary}`` -> {site: numpy array}.
         """
-        from ..model._posterior import summary_value
+        from ..model._posterior import sorted_quantile
 
         summary = self._guide_summary()
+        for k in summaries:
+            if k not in ("means", "stds") and parse_quantile(k) is None:
+                raise ValueError(f"unknown posterior summary {k!r}: use 'means', 'stds' or quantiles such as 'q05'")
+        quantiles = {k: parse_quantile(k) for k in summaries if k not in ("means", "stds")}
         num_samples = int(num_samples)
         out = {f"post_sample_{k}": {} for k in summaries}
         for site in summary.sites:
@@ -465,8 +469,14 @@ class RegressionModel:
                 lo, sc = flat_loc[i : i + chunk], flat_scale[i : i + chunk]
                 eps = torch.randn((num_samples, lo.numel()), dtype=lo.dtype, device=lo.device)
                 draws = summary.sites[site](lo + sc * eps)
-                for k in summaries:
-                    parts[k].append(summary_value(draws, k))
+                if "means" in parts:
+                    parts["means"].append(draws.mean(0))
+                if "stds" in parts:
+                    parts["stds"].append(draws.std(0))
+                if quantiles:  # one sort serves every quantile
+                    ordered = torch.sort(draws, dim=0).values
+                    for k, q in quantiles.items():
+                        parts[k].append(sorted_quantile(ordered, q))
             for k in summaries:
                 out[f"post_sample_{k}"][site] = _to_numpy(torch.cat(parts[k])).reshape(tuple(loc.shape))
         return out
