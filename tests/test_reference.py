@@ -224,6 +224,27 @@ def test_export_contract_and_round_trips(tmp_path):
     assert len(fig.axes) >= 3
 
 
+def test_technology_covariates():
+    ad = small_reference()
+    ad.obs["tech"] = pd.Categorical(np.where(np.arange(ad.n_obs) % 3 == 0, "3p", "5p"))
+    RegressionModel.setup_anndata(ad, labels_key="ct", batch_key="batch", categorical_covariate_keys=["tech", "batch"])
+    mod = RegressionModel(ad)
+    assert mod.module.n_extra_categoricals == [2, 2]
+    mod.train(max_epochs=10, lr=0.01, progress_bar=False, seed=0, device="cpu")
+    mod.export_posterior(ad, use_quantiles=True, add_to_varm=["means"])
+    assert ad.uns["mod"]["post_sample_means"]["detection_tech_gene_tg"].shape == (4, 40)
+    scale = mod.detection_scaling()
+    assert scale.shape == (40,) and np.all(scale > 0)
+    # the per-gene scale is the mean over cells of y_e(c) * t_tech(c),g * t_batch(c),g
+    post = mod._summaries_from_guide(["means"])["post_sample_means"]
+    tech = post["detection_tech_gene_tg"]
+    codes = [ad.obs[k].cat.codes.to_numpy() for k in ("tech", "batch")]
+    per_cell = post["detection_mean_y_e"].ravel()[mod.batch_index][:, None] * tech[codes[0]] * tech[2 + codes[1]]
+    np.testing.assert_allclose(scale, per_cell.mean(0), rtol=1e-5)
+    with pytest.raises(InputError, match="continuous_covariate_keys"):
+        RegressionModel.setup_anndata(ad, labels_key="ct", continuous_covariate_keys=["x"])
+
+
 def test_signatures_feed_cell2location(synth):
     from napari_cell2location import Cell2location
 
