@@ -217,7 +217,7 @@ class ReferenceWidget(Container):
             self.labels_key.value = guess
         batch = next((c for g in _BATCH_GUESSES for c in cols if c.lower() == g), NO_BATCH)
         self.batch_key.value = batch
-        self.info.value = f"{source}: {adata.n_obs} cells x {adata.n_vars} genes"
+        self.info.value = f"{source}\n{adata.n_obs} cells x {adata.n_vars} genes"
         if not cols:
             show_warning(f"{source} has no categorical obs column to use as cell-type labels.")
         self._on_layer(self.layer.value)
@@ -285,7 +285,7 @@ class ReferenceWidget(Container):
                 nonz_mean_cutoff=s["nonz_mean_cutoff"],
                 ax=ax,
             )
-            ax.title.set_fontsize(8)
+            ax.set_title("gene filter (red: cut-offs)", fontsize=8)
             ax.xaxis.label.set_fontsize(8)
             ax.yaxis.label.set_fontsize(8)
             n = len(self.kept_genes())
