@@ -90,9 +90,10 @@ def test_filter_genes_plot_draws_without_showing(monkeypatch):
     fig, ax = plt.subplots()
     kept = filter_genes(ad, cell_count_cutoff=5, cell_percentage_cutoff2=0.03, plot=True, ax=ax)
     assert len(ax.lines) == 3 and "kept" in ax.get_title() and str(len(kept)) in ax.get_title()
-    ax2 = plot_filter_genes(gene_filter_stats(ad), n_obs=ad.n_obs)  # no ax: a new, unshown Figure
-    assert ax2.figure is not None
+    ax2 = plot_filter_genes(gene_filter_stats(ad), n_obs=ad.n_obs)  # no ax: a new figure, not shown
+    assert ax2.figure is not fig
     plt.close(fig)
+    plt.close(ax2.figure)
 
 
 # --------------------------------------------------------------------------- averages and validation

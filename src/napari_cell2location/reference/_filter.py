@@ -83,7 +83,7 @@ def filter_genes(
     plot : bool
         Draw the 2D histogram with the cut-offs (:func:`plot_filter_genes`) on ``ax``.
     ax : matplotlib.axes.Axes, optional
-        Where to draw when ``plot`` is True (default: a new figure, not shown).
+        Where to draw when ``plot`` is True (default: a new pyplot figure; ``plt.show()`` is not called).
 
     Returns
     -------
@@ -127,7 +127,7 @@ def plot_filter_genes(
     cell_count_cutoff, cell_percentage_cutoff2, nonz_mean_cutoff : float
         The cut-offs (see :func:`filter_genes`).
     ax : matplotlib.axes.Axes, optional
-        Where to draw (default: a new figure, not shown).
+        Where to draw (default: a new pyplot figure; ``plt.show()`` is not called).
     bins : int
         Bins per axis.
 
@@ -137,10 +137,10 @@ def plot_filter_genes(
     """
     from matplotlib.colors import LogNorm
 
-    if ax is None:
-        from matplotlib.figure import Figure
+    if ax is None:  # a pyplot figure, so notebooks display it; never plt.show()
+        import matplotlib.pyplot as plt
 
-        ax = Figure(figsize=(5, 4)).subplots()
+        _, ax = plt.subplots(figsize=(5, 4))
     keep = _selection(stats, n_obs, cell_count_cutoff, cell_percentage_cutoff2, nonz_mean_cutoff)
     detected = stats["n_cells"].to_numpy() > 0
     x = np.log10(stats["nonz_mean"].to_numpy()[detected])
