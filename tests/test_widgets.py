@@ -135,7 +135,14 @@ def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_pat
     assert "cells" in qc.spot_label.value
     assert len(qc.spot_plot.axes[0].patches) > 0 and len(qc.overview.axes[0].collections) > 0
 
-    # save (SpatialData zarr) and read back through the reader
+    # save: .h5ad (the table) and SpatialData .zarr, read back through the reader
+    out_h5ad = dock.fit.save(path=tmp_path / "fit.h5ad")
+    import anndata
+
+    back = anndata.read_h5ad(out_h5ad)
+    assert "q95_cell_abundance_w_sf" in back.obsm and list(back.uns["mod"]["factor_names"]) == types
+    assert dock.fit.save(path=tmp_path / "fit.txt") is None  # wrong extension: notification, nothing written
+    assert not (tmp_path / "fit.txt").exists()
     out = dock.fit.save(path=tmp_path / "fit.zarr")
     assert out is not None and out.exists()
     from napari_cell2location._reader import napari_get_reader

@@ -186,7 +186,29 @@ def abundance_figure(adata, image, scalefactor: float, factor_names, truth=None,
 
 def cmd_demo(args) -> int:
     if not args.headless:
-        raise CLIError("the napari demo arrives with the plugin's widgets; run `napari-cell2location demo --headless`")
+        import napari
+
+        from ._qt._demo import open_demo
+
+        viewer = napari.Viewer(title="napari-cell2location demo")
+        open_demo(
+            viewer,
+            n_spots=args.n_spots,
+            n_genes=args.n_genes,
+            n_cell_types=args.n_cell_types,
+            seed=args.seed,
+            fit_settings={
+                "epochs": args.max_epochs,
+                "lr": args.lr,
+                "n_cells": args.n_cells_per_location,
+                "detection_alpha": args.detection_alpha,
+                "batch_size": args.batch_size or 0,
+                "device": args.device if args.device in ("auto", "cpu") else None,
+            },
+        )
+        print("napari-cell2location demo: press Run in the Cell2location dock (Fit tab); close the window to quit.")
+        napari.run()
+        return 0
     import numpy as np
 
     from .datasets import synthetic_visium

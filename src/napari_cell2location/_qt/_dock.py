@@ -47,6 +47,8 @@ class Cell2locationDock(QWidget):
         Returns the tab's page.
         """
         native = getattr(widget, "native", widget)
+        if native.layout() is not None:
+            native.layout().addStretch(1)  # keep the controls together at the top of the tab
         page = QScrollArea()
         page.setWidgetResizable(True)
         page.setWidget(native)

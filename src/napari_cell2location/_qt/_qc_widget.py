@@ -101,6 +101,9 @@ class SpotQCWidget(Container):
         layer = self.session.results_layer
         if layer is None or metric not in layer.features:
             return False
+        if self.metric.value != metric:
+            with self.metric.changed.blocked():
+                self.metric.value = metric
         values = layer.features[metric].to_numpy(dtype=float)
         limits = robust_limits(values)
         layer.face_color = value_colors(values, METRICS[metric][1], limits)

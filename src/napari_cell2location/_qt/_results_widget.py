@@ -150,7 +150,11 @@ class ResultsWidget(Container):
         pct = (float(self.lo_pct.value), float(self.hi_pct.value))
         if pct[1] <= pct[0]:
             pct = (pct[0], min(100.0, pct[0] + 1.0))
-        if self.mode.value == COMPOSITE:
+        composite = self.mode.value == COMPOSITE
+        for w in (self.cell_type, self.cmap):
+            w.visible = not composite
+        self.colorbar.setVisible(not composite)
+        if composite:
             chosen = list(self.composite_types.value)[: len(COMPOSITE_COLORS)]
             if not chosen:
                 return
