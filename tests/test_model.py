@@ -376,3 +376,26 @@ def test_grouped_lgamma_gives_the_same_total_and_gradients():
     torch.testing.assert_close(totals[1], totals[0], rtol=1e-5, atol=1e-3)
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_mode_nnls_init_and_early_stopping(tiny):
+    from napari_cell2location.model._cell2location import AUTO_MAX_EPOCHS, ConvergenceStopper
+
+    adata, sig, w = tiny
+    mod = Cell2location(adata, sig, N_cells_per_location=float(w.sum(1).mean()))
+    recs = list(mod.iter_train(max_epochs=None, seed=0))
+    assert recs[0].total == AUTO_MAX_EPOCHS
+    assert 200 <= len(recs) < AUTO_MAX_EPOCHS  # stopped on convergence, not at the cap
+    start = mod._init_values["w_sf"]
+    assert start.shape == w.shape and np.corrcoef(start.ravel(), w.ravel())[0, 1] > 0.8
+    # an explicit max_epochs runs exactly that many epochs from the prior (the original's behaviour)
+    other = Cell2location(adata, sig)
+    other.train(max_epochs=7, progress_bar=False)
+    assert len(other.history_["elbo_train"]) == 7 and "w_sf" not in other._init_values
+    with pytest.raises(InputError, match="init must be"):
+        other.train(max_epochs=1, init="random", progress_bar=False)
+    stopper = ConvergenceStopper(window=10, rtol=1e-3, patience=1, min_epochs=30)
+    flat = [stopper.update(100.0) for _ in range(40)]
+    assert flat.index(True) == 29  # first window check at or after min_epochs
+    falling = ConvergenceStopper(window=10, rtol=1e-3, patience=1, min_epochs=0)
+    assert not any(falling.update(1000.0 * 0.9**i) for i in range(100))

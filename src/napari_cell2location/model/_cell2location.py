@@ -58,6 +58,50 @@ class TrainStep(NamedTuple):
     epoch: int  #: epoch of this step (0-based)
 
 
+#: learning rate of ``train(max_epochs=None)``
+AUTO_LR = 0.01
+#: most epochs ``train(max_epochs=None)`` runs before it gives up waiting for convergence
+AUTO_MAX_EPOCHS = 5000
+
+
+class ConvergenceStopper:
+    """Decide when the training loss has converged.
+
+    Every ``window`` epochs, the mean loss of the last window is compared with that of the
+    window before; training stops once the relative improvement has stayed below ``rtol`` for
+    ``patience`` windows in a row, and never before ``min_epochs``.
+
+    Parameters
+    ----------
+    window : int
+        Epochs per window.
+    rtol : float
+        Relative improvement of the windowed mean loss counted as no progress.
+    patience : int
+        Windows in a row without progress before stopping.
+    min_epochs : int
+        Epochs always run.
+    """
+
+    def __init__(self, window: int = 100, rtol: float = 1e-3, patience: int = 1, min_epochs: int = 200):
+        self.window, self.rtol, self.patience, self.min_epochs = int(window), float(rtol), int(patience), int(min_epochs)
+        self.rule = f"windows of {window} epochs, relative improvement < {rtol:g} for {patience} windows"
+        self._losses: list[float] = []
+        self._strikes = 0
+
+    def update(self, loss: float) -> bool:
+        """Record one epoch's loss; True when training should stop."""
+        self._losses.append(float(loss))
+        n, w = len(self._losses), self.window
+        if n % w or n < 2 * w:
+            return False
+        last = float(np.mean(self._losses[-w:]))
+        prev = float(np.mean(self._losses[-2 * w : -w]))
+        improvement = (prev - last) / max(abs(last), 1e-12)
+        self._strikes = self._strikes + 1 if improvement < self.rtol else 0
+        return n >= self.min_epochs and self._strikes >= self.patience
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """'auto' -> CUDA when available, else CPU; 'cpu'; 'cuda' / 'cuda:n' (checked).
 
@@ -209,7 +253,8 @@ class Cell2location:
             )
             self.guide = self._make_guide()
         self.device = torch.device("cpu")
-        self.history_ = {"elbo_train": pd.DataFrame({"elbo_train": pd.Series(dtype=float)})}
+        self._history: list[float] = []
+        self._init_values: dict = dict(getattr(self.module, "init_vals", None) or {})
         self.is_trained_ = False
         self.samples: dict = {}
         self._summary = None
@@ -283,12 +328,12 @@ class Cell2location:
         return value
 
     def _make_guide(self):
-        init_vals = getattr(self.module, "init_vals", None) or {}
         base = init_to_mean(fallback=init_to_feasible)
 
         def init_loc_fn(site):
-            if site["name"] in init_vals:
-                return torch.as_tensor(np.asarray(init_vals[site["name"]]), dtype=torch.float32).to(
+            values = self._init_values  # read when the guide is set up (first training call)
+            if site["name"] in values:
+                return torch.as_tensor(np.asarray(values[site["name"]]), dtype=torch.float32).to(
                     self.module.cell_state.device
                 )
             return base(site)
@@ -325,33 +370,64 @@ class Cell2location:
         self.device = device
         self._summary = None
 
+    def _set_nnls_init(self, device):
+        """Start abundances (and cells per spot) from a non-negative regression (see ``_init``)."""
+        from ._init import nnls_abundance
+
+        t = time.perf_counter()
+        w = nnls_abundance(
+            self.X,
+            self.cell_state_df.to_numpy(),
+            _to_numpy(self.module.detection_mean).ravel(),
+            batch_index=self.batch_index,
+            device=device,
+        )
+        self._init_values["w_sf"] = w
+        sites = self.module.list_obs_plate_vars()["sites"]
+        if "n_s_cells_per_location" in sites:
+            self._init_values["n_s_cells_per_location"] = w.sum(1, keepdims=True)
+        logger.info("abundances initialised by non-negative regression in %.2f s", time.perf_counter() - t)
+
     # ------------------------------------------------------------------ training
     def iter_train(
         self,
-        max_epochs: int = 30000,
+        max_epochs: int | None = 30000,
         batch_size: int | None = None,
         train_size: float = 1,
-        lr: float = 0.002,
+        lr: float | None = 0.002,
         num_particles: int = 1,
         scale_elbo: float = 1.0,
         device: str = "auto",
         seed: int | None = None,
+        init: str | None = None,
+        early_stopping: bool | None = None,
     ):
         """Train, yielding a :class:`TrainStep` after every optimisation step.
 
         Closing the generator (e.g. a GUI's cancel) stops training between steps; the
         parameters and ``history_`` keep what was done so far.
 
+        Two ways to train:
+
+        * ``max_epochs=<int>`` (default 30000, the original's behaviour): exactly that many
+          epochs at ``lr``, starting from the prior means, unless ``init`` / ``early_stopping``
+          say otherwise.
+        * ``max_epochs=None`` (fast, ours): abundances start from a non-negative regression of
+          the counts on the signatures (``init='nnls'``), ``lr`` defaults to
+          :data:`AUTO_LR`, and training stops when the loss has converged (see
+          :class:`ConvergenceStopper`), at most :data:`AUTO_MAX_EPOCHS` epochs.
+
         Parameters
         ----------
-        max_epochs : int
-            Passes through the data (one step per epoch when ``batch_size`` is None).
+        max_epochs : int or None
+            Passes through the data (one step per epoch when ``batch_size`` is None); ``None``
+            trains until converged.
         batch_size : int, optional
             Spots per minibatch; ``None`` trains on all data at once.
         train_size : float
             Must be 1: abundances are estimated at every spot.
-        lr : float
-            Adam learning rate.
+        lr : float, optional
+            Adam learning rate (``None``: 0.002, or :data:`AUTO_LR` with ``max_epochs=None``).
         num_particles : int
             Particles of the ELBO estimate.
         scale_elbo : float
@@ -360,35 +436,50 @@ class Cell2location:
             'auto' (CUDA when present), 'cpu', or 'cuda[:n]'.
         seed : int, optional
             Seed of torch's and Pyro's random number generators.
+        init : {'prior', 'nnls'}, optional
+            Starting point of the abundances, used when the guide is first set up; default
+            'nnls' with ``max_epochs=None``, else 'prior' (every w_sf at its prior mean, as the original).
+        early_stopping : bool, optional
+            Stop when the loss has converged; default True with ``max_epochs=None``, else False.
 
         Yields
         ------
         TrainStep
         """
+        auto = max_epochs is None
         if train_size != 1:
             raise InputError("train_size must be 1: cell2location estimates abundance at every spot")
-        if int(max_epochs) < 1:
-            raise InputError(f"max_epochs must be at least 1, got {max_epochs}")
+        if not auto and int(max_epochs) < 1:
+            raise InputError(f"max_epochs must be at least 1 or None, got {max_epochs}")
         if batch_size is not None and int(batch_size) < 1:
             raise InputError(f"batch_size must be a positive integer or None, got {batch_size}")
+        init = init or ("nnls" if auto else "prior")
+        if init not in ("prior", "nnls"):
+            raise InputError(f"init must be 'prior' or 'nnls', got {init!r}")
+        lr = float(lr if lr is not None else (AUTO_LR if auto else 0.002))
+        max_epochs = AUTO_MAX_EPOCHS if auto else int(max_epochs)
+        early_stopping = auto if early_stopping is None else bool(early_stopping)
         dev = resolve_device(device)
         if seed is not None:
             pyro.set_rng_seed(int(seed))
+        if init == "nnls" and self.guide.prototype_trace is None:
+            self._set_nnls_init(dev)
         self._ensure_guide(dev)
         logger.info("training on %s", _describe(dev))
         full = batch_size is None or int(batch_size) >= self.n_obs
         steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
-        total = int(max_epochs) * steps_per_epoch
+        total = max_epochs * steps_per_epoch
         elbo = Trace_ELBO(num_particles=int(num_particles))
-        optim = torch.optim.Adam(self.guide.parameters(), lr=float(lr))
+        optim = torch.optim.Adam(self.guide.parameters(), lr=lr)
         args = self._full_args(dev) if full else None
+        stopper = ConvergenceStopper() if early_stopping else None
         rng = np.random.default_rng(seed)
         epoch_losses: list[float] = []
-        start_epoch = len(self.history_["elbo_train"])
+        start_epoch = len(self._history)
         step = 0
         self.module.train()
         try:
-            for epoch in range(int(max_epochs)):
+            for epoch in range(max_epochs):
                 if full:
                     batches = [args]
                 else:
@@ -409,29 +500,33 @@ class Cell2location:
                     if not math.isfinite(value):
                         raise FloatingPointError(
                             f"the loss became {value} at step {step}. Usual causes: normalised or non-integer "
-                            "counts, broken signatures, or too high a learning rate (lr={lr})."
+                            f"counts, broken signatures, or too high a learning rate (lr={lr})."
                         )
                     epoch_losses.append(value)
                     yield TrainStep(step, total, value, start_epoch + epoch)
-                self._append_history(float(np.mean(epoch_losses)))
+                self._history.append(float(np.mean(epoch_losses)))
                 epoch_losses = []
+                if stopper is not None and stopper.update(self._history[-1]):
+                    logger.info("loss converged after %d epochs (%s); stopping", epoch + 1, stopper.rule)
+                    break
         finally:
             if epoch_losses:  # interrupted mid-epoch: record what was done
-                self._append_history(float(np.mean(epoch_losses)))
+                self._history.append(float(np.mean(epoch_losses)))
             self.module.eval()
             self.is_trained_ = self.is_trained_ or step > 0
             self._summary = None
 
-    def _append_history(self, value: float):
-        df = self.history_["elbo_train"]
-        df.loc[len(df), "elbo_train"] = value
+    @property
+    def history_(self) -> dict:
+        """``{'elbo_train': DataFrame}``: the training loss (negative ELBO) of each epoch."""
+        return {"elbo_train": pd.DataFrame({"elbo_train": np.asarray(self._history, dtype=float)})}
 
     def train(
         self,
-        max_epochs: int = 30000,
+        max_epochs: int | None = 30000,
         batch_size: int | None = None,
         train_size: float = 1,
-        lr: float = 0.002,
+        lr: float | None = 0.002,
         num_particles: int = 1,
         scale_elbo: float = 1.0,
         progress_bar: bool = True,
@@ -444,9 +539,10 @@ class Cell2location:
         progress_bar : bool
             Show a tqdm progress bar on stderr.
         **kwargs
-            ``device`` ('auto' | 'cpu' | 'cuda[:n]') and ``seed``.
+            ``device`` ('auto' | 'cpu' | 'cuda[:n]'), ``seed``, ``init`` ('prior' | 'nnls') and
+            ``early_stopping`` (see :meth:`iter_train`).
         """
-        allowed = {"device", "seed"}
+        allowed = {"device", "seed", "init", "early_stopping"}
         unknown = set(kwargs) - allowed
         if unknown:
             raise TypeError(f"train() got unexpected arguments {sorted(unknown)}; accepted: {sorted(allowed)}")
@@ -773,7 +869,7 @@ class Cell2location:
             "batch_key": self.batch_key,
             "obs_names": list(self.obs_names),
             "factor_names": self.factor_names_,
-            "history": self.history_["elbo_train"]["elbo_train"].astype(float).tolist(),
+            "history": list(self._history),
         }
         self.cell_state_df.to_csv(path / "cell_state_df.csv")
         with open(path / "attr.json", "w") as fh:
@@ -842,7 +938,7 @@ class Cell2location:
         obj._ensure_guide(resolve_device(device))
         state = torch.load(path / "model_params.pt", map_location=obj.device, weights_only=True)
         obj.guide.load_state_dict(state["guide"])
-        obj.history_["elbo_train"] = pd.DataFrame({"elbo_train": np.asarray(attrs["history"], dtype=float)})
+        obj._history = [float(v) for v in attrs["history"]]
         obj.is_trained_ = True
         return obj
 
