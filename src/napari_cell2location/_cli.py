@@ -40,7 +40,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_fit_options(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+def _add_fit_options(p: argparse.ArgumentParser, epochs: int | None, lr: float | None) -> None:
     p.add_argument(
         "--n-cells-per-location",
         type=_positive_float,
@@ -53,11 +53,22 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int, lr: float) -> None
         default=20.0,
         help="regularisation of per-spot sensitivity: 20 (weak, default) or 200 (strong)",
     )
-    p.add_argument("--max-epochs", type=_positive_int, default=epochs, help=f"training epochs (default {epochs})")
+    p.add_argument(
+        "--max-epochs",
+        type=_positive_int,
+        default=epochs,
+        help="training epochs; default: start from a non-negative regression and stop when the loss "
+        "has converged (fast); a number runs exactly that many epochs from the prior, as the original",
+    )
     p.add_argument(
         "--batch-size", type=_positive_int, default=None, help="spots per minibatch (default: all spots at once)"
     )
-    p.add_argument("--lr", type=_positive_float, default=lr, help=f"learning rate (default {lr})")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=lr,
+        help="learning rate (default 0.01 without --max-epochs, 0.002 with it)",
+    )
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--model", choices=sorted(MODEL_CHOICES), default="main", help="model variant")
     p.add_argument(
@@ -91,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--layer", default=None, help="layer with raw counts (default X)")
     fit.add_argument("--table-key", default=None, help="SpatialData table to use (default 'table')")
     fit.add_argument("--save-model", default=None, help="also save the trained model to this folder")
-    _add_fit_options(fit, epochs=30000, lr=0.002)
+    _add_fit_options(fit, epochs=None, lr=None)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic Visium section")
     demo.add_argument("--headless", action="store_true", help="no GUI: fit, then write results and a PNG map")
@@ -99,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-spots", type=_positive_int, default=600, help="spots in the synthetic section")
     demo.add_argument("--n-genes", type=_positive_int, default=1000, help="genes in the synthetic section")
     demo.add_argument("--n-cell-types", type=_positive_int, default=15, help="cell types")
-    _add_fit_options(demo, epochs=1500, lr=0.01)
+    _add_fit_options(demo, epochs=None, lr=None)
     _add_reference_parser(sub)
     return parser
 
