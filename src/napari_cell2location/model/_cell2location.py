@@ -133,6 +133,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def _adam_options(device: torch.device) -> dict:
+    """Fused Adam (one kernel for all parameters) where this torch supports it on the device."""
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return {}
+    return {"fused": True}
+
+
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -345,9 +354,8 @@ class Cell2location:
     def _full_args(self, device):
         x = self.X.toarray() if sparse.issparse(self.X) else self.X
         x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
-        idx = torch.arange(self.n_obs, device=device)
         batch = torch.as_tensor(self.batch_index, device=device)
-        return x, idx, batch
+        return x, None, batch  # idx None: the plate is not subsampled (no index ops on parameters)
 
     def _batch_args(self, ind: np.ndarray, device):
         x = self.X[ind]
@@ -360,11 +368,10 @@ class Cell2location:
         self.module.to(device)
         with pyro.settings.context(module_local_params=True):
             if self.guide.prototype_trace is None:
-                idx = torch.arange(self.n_obs, device=device)
                 batch = torch.as_tensor(self.batch_index, device=device)
                 self.module.skip_likelihood = True
                 try:
-                    self.guide._setup_prototype(None, idx, batch)
+                    self.guide._setup_prototype(None, None, batch)
                 finally:
                     self.module.skip_likelihood = False
             self.guide.to(device)
@@ -471,7 +478,7 @@ class Cell2location:
         steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
         total = max_epochs * steps_per_epoch
         elbo = Trace_ELBO(num_particles=int(num_particles))
-        optim = torch.optim.Adam(self.guide.parameters(), lr=lr)
+        optim = torch.optim.Adam(self.guide.parameters(), lr=lr, **_adam_options(dev))
         args = self._full_args(dev) if full else None
         stopper = ConvergenceStopper() if early_stopping else None
         rng = np.random.default_rng(seed)
@@ -491,7 +498,7 @@ class Cell2location:
                     )
                 epoch_losses = []
                 for batch_args in batches:
-                    with pyro.settings.context(module_local_params=True):
+                    with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
                         loss = elbo.differentiable_loss(self.module, self.guide, *batch_args) * scale_elbo
                     optim.zero_grad(set_to_none=True)
                     loss.backward()

@@ -54,6 +54,8 @@ class CountsPattern:
         lgamma_x1 = torch.zeros(n_obs, dtype=x.dtype, device=x.device)
         lgamma_x1.index_add_(0, self.row, torch.lgamma(self.values + 1))
         self.lgamma_x_plus_1 = lgamma_x1  # (n_obs,)
+        #: above ~30% non-zero, x log mu is cheaper as one dense pass than gather + scatter
+        self.dense_x_log_mu = self.values.numel() > 0.3 * n_obs * n_vars
         self.grouped = bool(grouped)
         if self.grouped:
             batch = torch.zeros(n_obs, dtype=torch.long, device=x.device) if batch_index is None else batch_index
@@ -126,24 +128,30 @@ class NegativeBinomialCounts(TorchDistribution):
         mu = self.mu
         n_obs = mu.shape[0]
         alpha, a_log_a = self._alpha_rows()
-        # dense part: - sum_g (alpha + x) log(alpha + mu)
-        dense = -((alpha + value) * torch.log(alpha + mu)).sum(-1)  # (n_obs,)
-        # x log mu on the non-zero counts
+        # dense part: - sum_g (alpha + x) log(alpha + mu)   [+ x log mu when the counts are dense]
+        if pattern.dense_x_log_mu:
+            dense = (torch.xlogy(value, mu) - (alpha + value) * torch.log(alpha + mu)).sum(-1)  # (n_obs,)
+        else:
+            dense = -((alpha + value) * torch.log(alpha + mu)).sum(-1)  # (n_obs,)
         x = pattern.values
-        sparse_terms = x * torch.log(mu.reshape(-1)[pattern.flat_idx])  # (nnz,)
+        terms = None  # per non-zero entry, added to its observation
+        if not pattern.dense_x_log_mu:  # x log mu on the non-zero counts only
+            terms = x * torch.log(mu.reshape(-1)[pattern.flat_idx])  # (nnz,)
+        total = dense + a_log_a - pattern.lgamma_x_plus_1
         if pattern.grouped:
             # lgamma(x + alpha) - lgamma(alpha), once per distinct (batch, gene, count)
-            a_grp = self.alpha[pattern.group_batch, pattern.group_col] if self.alpha.shape[0] > 1 else (
-                self.alpha[0, pattern.group_col]
-            )
+            if self.alpha.shape[0] > 1:
+                a_grp = self.alpha[pattern.group_batch, pattern.group_col]
+            else:
+                a_grp = self.alpha[0, pattern.group_col]
             lg = (pattern.group_count * (torch.lgamma(pattern.group_value + a_grp) - torch.lgamma(a_grp))).sum()
-            spread = lg / n_obs
+            total = total + lg / n_obs
         else:
             a_nz = alpha[0, pattern.col] if alpha.shape[0] == 1 else alpha.reshape(-1)[pattern.flat_idx]
-            sparse_terms = sparse_terms + torch.lgamma(x + a_nz) - torch.lgamma(a_nz)
-            spread = 0.0
-        per_obs = torch.zeros(n_obs, dtype=mu.dtype, device=mu.device).index_add_(0, pattern.row, sparse_terms)
-        total = per_obs + dense + a_log_a - pattern.lgamma_x_plus_1 + spread
+            lg = torch.lgamma(x + a_nz) - torch.lgamma(a_nz)
+            terms = lg if terms is None else terms + lg
+        if terms is not None:
+            total = total.index_add(0, pattern.row, terms)
         return total.unsqueeze(-1)  # (n_obs, 1)
 
     def sample(self, sample_shape=()):

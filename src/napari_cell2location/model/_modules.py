@@ -114,7 +114,7 @@ class _LocationModelBase(PyroModule):
 
     def create_plates(self, x_data, idx, batch_index):
         """The observation plate (dim -2), subsampled to ``idx``."""
-        return pyro.plate("obs_plate", size=self.n_obs, dim=-2, subsample=idx)
+        return pyro.plate("obs_plate", size=self.n_obs, dim=-2, subsample=idx, device=self.cell_state.device)
 
     def list_obs_plate_vars(self):
         """Name, model inputs and per-site non-plate dimension of the observation-plate sites."""
