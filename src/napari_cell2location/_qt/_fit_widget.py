@@ -93,7 +93,8 @@ class FitWidget(Container):
         self.detection_alpha = ComboBox(
             label="detection alpha", choices=[("20 (variable sensitivity)", 20.0), ("200 (uniform)", 200.0)], value=20.0
         )
-        self.epochs = SpinBox(label="epochs", value=1500, min=1, max=100000, step=100)
+        self.epochs = SpinBox(label="epochs (0 = auto)", value=0, min=0, max=100000, step=100)
+        self.epochs.tooltip = "0 = fast mode: start from a regression fit and stop when the loss converges"
         self.lr = FloatSpinBox(label="learning rate", value=0.01, min=1e-5, max=1.0, step=0.001)
         self.lr.native.setDecimals(4)
         self.batch_size = SpinBox(label="batch size", value=0, min=0, max=10_000_000, step=256)
@@ -155,7 +156,7 @@ class FitWidget(Container):
             if self._n_cells_array is not None
             else float(self.n_cells.value),
             "detection_alpha": float(self.detection_alpha.value),
-            "max_epochs": int(self.epochs.value),
+            "max_epochs": int(self.epochs.value) or None,
             "lr": float(self.lr.value),
             "batch_size": int(self.batch_size.value) or None,
             "device": str(self.device.value),
@@ -192,7 +193,7 @@ class FitWidget(Container):
             return None
         self.losses = []
         self._t0 = time.perf_counter()
-        self.progress.max = max(settings["max_epochs"], 1)
+        self.progress.max = max(settings["max_epochs"] or 1, 1)
         self.progress.value = 0
         self.status.value = "setting up the model..."
         self._fit_layer = self.session.spots_layer
@@ -218,7 +219,6 @@ class FitWidget(Container):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             kind, value = item
             if kind == "model":
-                self.progress.max = max(int(self.epochs.value), 1)
                 self.status.value = (
                     f"training: {value.n_obs} spots x {value.n_vars} genes, {value.n_factors} cell types"
                 )
@@ -272,6 +272,7 @@ class FitWidget(Container):
             results = self.viewer.add_points(data, **kwargs)
         self.session.results_layer = results
         self.draw_history(mod.history_["elbo_train"].to_numpy().ravel())
+        self.progress.value = self.progress.max  # fast mode may stop before its step limit
         elapsed = time.perf_counter() - self._t0
         self.status.value = f"done in {_fmt_time(elapsed)}: {mod.n_factors} cell types over {mod.n_obs} spots"
         self.save_button.enabled = True
