@@ -3,6 +3,7 @@
 import napari.viewer
 from qtpy.QtWidgets import QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
+from ._cells_widget import CellsPerSpotWidget
 from ._data_widget import DataWidget
 from ._fit_widget import FitWidget
 from ._qc_widget import SpotQCWidget
@@ -38,6 +39,8 @@ class Cell2locationDock(QWidget):
         self.qc = SpotQCWidget(napari_viewer)
         for title, widget in (("Data", self.data), ("Fit", self.fit), ("Results", self.results), ("Spot QC", self.qc)):
             self.add_tab(widget, title)
+        self.cells = CellsPerSpotWidget(napari_viewer)
+        self.add_tab(self.cells, "Cells per spot", index=1)  # between Data and Fit: it sets the fit's N prior
         self.session.widgets["dock"] = self
         self.session.fitted.connect(lambda _mod: self.tabs.setCurrentIndex(self.tabs.indexOf(self._pages["Results"])))
 

@@ -1,0 +1,469 @@
+"""Cells per spot: nuclei on the histology -> per-spot counts -> ``N_cells_per_location`` for the fit.
+
+Two ways to count, as in issue 4:
+
+* detect nuclei on the whole Image layer in a worker (tile by tile, progress and Cancel) into an editable
+  Points layer; the user adds or deletes points to correct it and counts again;
+* the manual protocol of cell2location's documentation: select a handful (10-20) of spots in the spots
+  layer and count only those, from detected nuclei or from nuclei the user clicks into an empty layer.
+
+Coordinates (DESIGN.md rule 7): the nuclei layer lives in **world** coordinates (full-resolution pixels as
+(row, col), as the spots). Detection runs in image pixels and its centres go through the Image layer's
+data -> world transform (for a ``hires`` image that is ``scale = 1 / scalef``); spots go through the spots
+layer's transform, their radius is half the point size times that layer's scale. Counting happens in
+world coordinates, so it is right at every image scale and for sections placed side by side.
+"""
+
+import logging
+
+import napari.layers
+import napari.viewer
+import numpy as np
+import pandas as pd
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton
+from napari.utils.notifications import show_error, show_info, show_warning
+from psygnal import Signal
+
+from ._mpl import MplCanvas
+from ._session import context_of, get_session
+
+logger = logging.getLogger(__name__)
+
+#: Visium spot diameter (µm): sets µm per world unit from the spot size when the user gives no pixel size
+SPOT_DIAMETER_UM = 55.0
+#: feature column of the spots layer holding the count
+COUNT_FEATURE = "nuclei_per_spot"
+SCOPE_ALL = "all in-tissue spots"
+SCOPE_SELECTED = "selected spots only (manual protocol)"
+_UNCOUNTED_RGBA = (0.75, 0.75, 0.75, 0.35)
+
+
+# ---------------------------------------------------------------------------------------------- geometry glue
+def data_to_world_matrix(layer) -> np.ndarray:
+    """(3, 3) homogeneous matrix from a 2-D layer's data (row, col) to world (row, col).
+
+    The layer's scale, translate, rotate and shear, then its affine, as napari composes them.
+    """
+    from napari.utils.transforms import CompositeAffine
+
+    if layer.ndim != 2:
+        raise ValueError(f"layer {layer.name!r} has {layer.ndim} spatial dimensions; only 2-D layers are supported")
+    inner = CompositeAffine(
+        scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear, ndim=2
+    ).affine_matrix
+    return np.asarray(layer.affine.affine_matrix, dtype=float) @ np.asarray(inner, dtype=float)
+
+
+def to_world(layer, coords) -> np.ndarray:
+    """(n, 2) data coordinates of ``layer`` -> (n, 2) world coordinates."""
+    rc = np.asarray(coords, dtype=float).reshape(-1, 2)
+    m = data_to_world_matrix(layer)
+    return rc @ m[:2, :2].T + m[:2, 2]
+
+
+def _linear_scale(layer) -> float:
+    """World units per data unit of a layer (geometric mean of its two axes)."""
+    return float(np.sqrt(abs(np.linalg.det(data_to_world_matrix(layer)[:2, :2]))))
+
+
+def spot_geometry(spots_layer) -> tuple[np.ndarray, np.ndarray]:
+    """Spot centres (n, 2) and radii (n,) in world coordinates."""
+    centres = to_world(spots_layer, spots_layer.data)
+    size = np.asarray(spots_layer.size, dtype=float)
+    size = np.broadcast_to(size.reshape(-1) if size.ndim else size, (len(centres),))
+    return centres, 0.5 * size * _linear_scale(spots_layer)
+
+
+def _image_array(layer):
+    data = layer.data[0] if layer.multiscale else layer.data
+    return data
+
+
+def _is_spot_layer(layer) -> bool:
+    return isinstance(layer, napari.layers.Points) and context_of(layer) is not None
+
+
+class CellsPerSpotWidget(Container):
+    """Count nuclei per spot on the histology and set ``N_cells_per_location`` of the fit from them.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer with the histology Image layer and the spots Points layer.
+
+    Attributes
+    ----------
+    nuclei_layer : napari.layers.Points or None
+        The (editable) nuclei layer counted, world coordinates.
+    counts : numpy.ndarray or None
+        (n_spots,) nuclei per spot of the last count (NaN for spots not counted).
+    estimate : napari_cell2location.nuclei.NCellsEstimate or None
+        The suggested ``N_cells_per_location`` and its spread.
+    n_cells_chosen : psygnal.Signal
+        Emitted with the value (float) or per-spot array sent to the fit; lets other code use it when the
+        Fit widget is not there.
+    """
+
+    n_cells_chosen = Signal(object)
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.session.widgets["cells"] = self
+        self.worker = None
+        self.nuclei_layer = None
+        self.counts = None
+        self.counted = None
+        self.estimate = None
+        self._detect_image = None
+        self.chunk_size = 1024  # detection tile (px); a 20,000² H&E runs as ~400 tiles, one in memory at a time
+
+        self.image = ComboBox(label="histology", choices=self._image_choices, nullable=True)
+        self.spots = ComboBox(label="spots", choices=self._spot_choices, nullable=True)
+        self.pixel_size = FloatSpinBox(label="µm / image px", value=0.0, min=0.0, max=1000.0, step=0.1)
+        self.pixel_size.native.setDecimals(3)
+        self.pixel_size.tooltip = "0 = from the spot size (Visium spots are 55 µm across)"
+        self.pixel_note = Label(label="", value="")
+        self.nucleus_diameter = FloatSpinBox(label="nucleus Ø (µm)", value=7.0, min=1.0, max=50.0, step=0.5)
+        self.detect_button = PushButton(text="Detect nuclei")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
+        self.status = Label(label="", value="pick the histology image and the spots")
+        self.nuclei = ComboBox(label="nuclei layer", choices=self._nuclei_choices, nullable=True)
+        self.new_layer_button = PushButton(text="New empty layer to click nuclei")
+        self.scope = ComboBox(label="count in", choices=[SCOPE_ALL, SCOPE_SELECTED], value=SCOPE_ALL)
+        self.scope.tooltip = "manual protocol: select 10-20 spots in the spots layer (select mode, shift-click)"
+        self.count_button = PushButton(text="Count nuclei per spot")
+        self.summary = Label(label="", value="")
+        self.plot = MplCanvas(height=2.0)
+        self.use_mean_button = PushButton(text="Use mean for the fit", enabled=False)
+        self.use_per_spot_button = PushButton(text="Use per-spot counts for the fit", enabled=False)
+        for label in (self.pixel_note, self.status, self.summary):
+            label.native.setWordWrap(True)  # long notes wrap instead of widening the dock
+        detect_row = Container(widgets=[self.detect_button, self.cancel_button], layout="horizontal", labels=False)
+        use_row = Container(widgets=[self.use_mean_button, self.use_per_spot_button], layout="horizontal", labels=False)
+        self.extend(
+            [
+                self.image, self.spots, self.pixel_size, self.pixel_note, self.nucleus_diameter, detect_row,
+                self.progress, self.status, self.nuclei, self.new_layer_button, self.scope, self.count_button,
+                self.summary, self.plot, use_row,
+            ]
+        )  # fmt: skip
+        self.detect_button.changed.connect(self.detect)
+        self.cancel_button.changed.connect(self.cancel)
+        self.new_layer_button.changed.connect(self.new_nuclei_layer)
+        self.count_button.changed.connect(self.count)
+        self.use_mean_button.changed.connect(self.use_mean)
+        self.use_per_spot_button.changed.connect(self.use_per_spot)
+        self.image.changed.connect(self._update_pixel_note)
+        self.spots.changed.connect(self._update_pixel_note)
+        self.pixel_size.changed.connect(self._update_pixel_note)
+        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            ev.connect(self._refresh)
+        self._refresh()
+
+    # ------------------------------------------------------------------ choices
+    def _image_choices(self, _widget=None):
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, napari.layers.Image)]
+
+    def _spot_choices(self, _widget=None):
+        return [(layer.name, layer) for layer in self.viewer.layers if _is_spot_layer(layer)]
+
+    def _nuclei_choices(self, _widget=None):
+        return [
+            (layer.name, layer)
+            for layer in self.viewer.layers
+            if isinstance(layer, napari.layers.Points) and not _is_spot_layer(layer)
+        ]
+
+    def _refresh(self, _event=None):
+        if self.nuclei_layer is not None and self.nuclei_layer not in self.viewer.layers:
+            self.nuclei_layer = None
+        images = [layer for _, layer in self._image_choices()]
+        spots = [layer for _, layer in self._spot_choices()]
+        defaults = (
+            (self.image, images[0] if images else None),
+            (self.spots, self.session.spots_layer if self.session.spots_layer in spots else (spots or [None])[-1]),
+            (self.nuclei, self.nuclei_layer),
+        )
+        for combo, default in defaults:
+            current = combo.value
+            combo.reset_choices()
+            valid = [layer for layer in combo.choices if layer is not None]
+            if current is not None and any(current is layer for layer in valid):
+                combo.value = current
+            elif default is not None and any(default is layer for layer in valid):
+                combo.value = default
+        self._update_pixel_note()
+
+    # ------------------------------------------------------------------ pixel size
+    def um_per_world(self) -> float | None:
+        """µm per world unit, from the spot size (Visium spots are 55 µm across); None without spots."""
+        layer = self.spots.value
+        if layer is None or len(layer.data) == 0:
+            return None
+        _, radius = spot_geometry(layer)
+        diameter = float(np.median(2.0 * radius))
+        return SPOT_DIAMETER_UM / diameter if diameter > 0 else None
+
+    def pixel_size_um(self) -> float | None:
+        """µm per image pixel: the spin box when set, else from the spot size and the image's scale."""
+        if self.pixel_size.value > 0:
+            return float(self.pixel_size.value)
+        per_world = self.um_per_world()
+        image = self.image.value
+        if per_world is None or image is None:
+            return None
+        return per_world * _linear_scale(image)
+
+    def _update_pixel_note(self, _value=None):
+        px = self.pixel_size_um()
+        if px is None:
+            self.pixel_note.value = "pixel size: pick an image and spots (or type it)"
+        else:
+            source = "typed" if self.pixel_size.value > 0 else "from the 55 µm spot size"
+            self.pixel_note.value = f"pixel size {px:.3g} µm ({source})"
+
+    # ------------------------------------------------------------------ detection
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def detect(self, _value=None):
+        """Detect nuclei on the chosen Image layer in a worker; the result becomes the nuclei layer."""
+        from napari.qt.threading import create_worker
+
+        from ..nuclei import iter_detect_nuclei
+
+        if self.running:
+            return None
+        image = self.image.value
+        if image is None:
+            show_error("Choose the histology Image layer first.")
+            return None
+        px = self.pixel_size_um()
+        if px is None:
+            show_error("Cannot tell the pixel size: choose the spots layer, or type the µm per image pixel.")
+            return None
+        data = _image_array(image)
+        if image.ndim != 2:
+            show_error(f"Image {image.name!r} is not a 2-D image (it has {image.ndim} dimensions).")
+            return None
+        kind = "he" if image.rgb else "fluorescence"
+        self._detect_image = image
+        self.progress.value = 0
+        self.progress.max = 1
+        self.status.value = f"detecting nuclei ({'H&E' if kind == 'he' else 'fluorescence'}, {px:.3g} µm/px)..."
+        self.worker = create_worker(
+            iter_detect_nuclei,
+            data,
+            pixel_size_um=px,
+            kind=kind,
+            nucleus_diameter_um=float(self.nucleus_diameter.value),
+            channel_axis=-1 if image.rgb else None,
+            chunk_size=int(self.chunk_size),
+            _ignore_errors=True,
+        )
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(self._on_detected)
+        self.worker.errored.connect(self._on_error)
+        self.worker.aborted.connect(self._on_aborted)
+        self.worker.finished.connect(self._on_finished)
+        self.detect_button.enabled = False
+        self.cancel_button.enabled = True
+        self.worker.start()
+        return self.worker
+
+    def cancel(self, _value=None):
+        """Stop the detection after the current tile."""
+        if self.worker is not None:
+            self.status.value = "cancelling..."
+            self.worker.quit()
+
+    def _on_progress(self, p):
+        self.progress.max = max(int(p.total), 1)
+        self.progress.value = int(p.tile)
+        self.status.value = f"tile {p.tile}/{p.total}: {p.n_candidates} candidates, {p.elapsed_s:.1f} s"
+
+    def _on_detected(self, table: pd.DataFrame):
+        image = self._detect_image
+        world = to_world(image, table[["row", "col"]].to_numpy())
+        size = float(self.nucleus_diameter.value) / (self.um_per_world() or 1.0)
+        if self.pixel_size.value > 0:  # typed pixel size: nucleus size through the image's scale
+            size = float(self.nucleus_diameter.value) / float(self.pixel_size.value) * _linear_scale(image)
+        features = pd.DataFrame({"response": table["response"].to_numpy()})
+        name = f"nuclei ({image.name})"
+        layer = self.nuclei_layer
+        if layer is not None and layer in self.viewer.layers and layer.name == name:
+            layer.data = world
+            layer.features = features
+            layer.size = size
+        else:
+            layer = self.viewer.add_points(
+                world, name=name, size=size, features=features, face_color="transparent",
+                border_color="#ff8c00", border_width=0.25, border_width_is_relative=True,
+            )  # fmt: skip
+        layer.current_size = size
+        self.nuclei_layer = layer
+        self._refresh()
+        self.nuclei.value = layer
+        self.status.value = (
+            f"{len(table)} nuclei detected (threshold {table.attrs.get('threshold', float('nan')):.3g}); "
+            "edit the layer (add / delete points), then count again"
+        )
+        if self.spots.value is not None:
+            self.count()
+
+    def _on_error(self, err):
+        logger.exception("nuclei detection failed", exc_info=err)
+        self.status.value = f"failed: {err}"
+        show_error(f"Nuclei detection failed: {err}")
+
+    def _on_aborted(self):
+        self.status.value = "detection cancelled; no nuclei layer added"
+        show_warning("Nuclei detection cancelled.")
+
+    def _on_finished(self):
+        self.worker = None
+        self.detect_button.enabled = True
+        self.cancel_button.enabled = False
+
+    # ------------------------------------------------------------------ manual nuclei
+    def new_nuclei_layer(self, _value=None):
+        """Add an empty Points layer in 'add' mode for clicking nuclei by hand; it becomes the nuclei layer."""
+        px = self.um_per_world()
+        size = float(self.nucleus_diameter.value) / px if px else 10.0
+        layer = self.viewer.add_points(
+            np.zeros((0, 2)), name="nuclei (manual)", size=size, face_color="transparent",
+            border_color="#ffcc00", border_width=0.25, border_width_is_relative=True,
+        )  # fmt: skip
+        layer.current_size = size
+        layer.mode = "add"
+        self.viewer.layers.selection.active = layer
+        self.nuclei_layer = layer
+        self._refresh()
+        self.nuclei.value = layer
+        self.status.value = "click nuclei in the selected spots, then 'Count nuclei per spot'"
+        return layer
+
+    # ------------------------------------------------------------------ counting
+    def count(self, _value=None):
+        """Count the nuclei layer's points per spot, colour the spots, plot and suggest N_cells_per_location.
+
+        Returns the :class:`~napari_cell2location.nuclei.NCellsEstimate` (None on error).
+        """
+        from ..nuclei import count_nuclei_per_spot, estimate_n_cells_per_location
+
+        spots, points = self.spots.value, self.nuclei.value
+        if spots is None:
+            show_error("Choose the spots layer first.")
+            return None
+        if points is None:
+            show_error("No nuclei layer: detect nuclei, or add an empty layer and click them.")
+            return None
+        n = len(spots.data)
+        if self.scope.value == SCOPE_SELECTED:
+            mask = np.zeros(n, dtype=bool)
+            mask[sorted(i for i in spots.selected_data if i < n)] = True
+            if not mask.any():
+                show_error(
+                    "Select the spots to count in the spots layer first "
+                    "(select mode, shift-click or drag; the original protocol counts 10-20 spots)."
+                )
+                return None
+        else:
+            ctx = context_of(spots)
+            obs = ctx.adata.obs if ctx is not None else None
+            if obs is not None and "in_tissue" in obs and len(obs) == n:
+                mask = obs["in_tissue"].to_numpy().astype(bool)
+            else:
+                mask = np.ones(n, dtype=bool)
+        centres, radius = spot_geometry(spots)
+        counts = count_nuclei_per_spot(to_world(points, points.data), centres, radius)
+        try:
+            est = estimate_n_cells_per_location(counts, mask)
+        except ValueError as err:
+            show_error(f"Cannot estimate N_cells_per_location: {err}")
+            return None
+        self.counts = np.where(mask, counts.astype(float), np.nan)
+        self.counted = mask
+        self.estimate = est
+        self._colour_spots(spots)
+        self._draw()
+        manual = self.scope.value == SCOPE_SELECTED
+        self.summary.value = (
+            f"{int(mask.sum())} {'selected' if manual else 'in-tissue'} spots, "
+            f"{len(points.data)} nuclei in '{points.name}'\n"
+            f"suggested N_cells_per_location = {est.value:.1f} ± {est.spread:.1f}\n"
+            f"(median {est.median:.0f}, 5-95% {est.q05:.0f}-{est.q95:.0f})"
+        )
+        self.use_mean_button.enabled = True
+        self.use_per_spot_button.enabled = not manual
+        self.use_per_spot_button.tooltip = (
+            "count all spots for a per-spot prior" if manual else "each spot's own count (floored at 1)"
+        )
+        return est
+
+    def _colour_spots(self, spots):
+        from .._layers import value_colors
+
+        features = spots.features.copy() if len(spots.features.columns) else pd.DataFrame(index=range(len(spots.data)))
+        features[COUNT_FEATURE] = self.counts
+        spots.features = features
+        finite = self.counts[np.isfinite(self.counts)]
+        limits = (0.0, float(max(finite.max(), 1.0))) if finite.size else (0.0, 1.0)
+        colors = value_colors(self.counts, "viridis", limits)
+        colors[~np.isfinite(self.counts)] = _UNCOUNTED_RGBA
+        spots.face_color = colors
+        spots.metadata["colored_by"] = COUNT_FEATURE
+
+    def _draw(self):
+        ax = self.plot.axes[0]
+        ax.clear()
+        values = self.counts[np.isfinite(self.counts)]
+        est = self.estimate
+        if values.size:
+            top = int(values.max())
+            ax.hist(values, bins=np.arange(-0.5, top + 1.5, 1.0 if top < 40 else max(top // 30, 1)), color="#4c9be8")
+            ax.axvline(est.value, color="#d62728", lw=1.5, label=f"mean {est.value:.1f}")
+            ax.axvspan(est.value - est.spread, est.value + est.spread, color="#d62728", alpha=0.12, lw=0)
+            ax.legend(fontsize=7, frameon=False)
+        ax.set_xlabel("nuclei per spot", fontsize=8)
+        ax.set_ylabel("spots", fontsize=8)
+        ax.tick_params(labelsize=7)
+        self.plot.draw()
+
+    # ------------------------------------------------------------------ hand over to the fit
+    def _send(self, value):
+        fit = self.session.widgets.get("fit")
+        self.n_cells_chosen.emit(value)
+        if fit is None:
+            show_info("No Fit widget open; the value is available from this widget's n_cells_chosen signal.")
+            return value
+        try:
+            fit.set_n_cells_per_location(value)
+        except ValueError as err:
+            show_error(f"The Fit widget refused N_cells_per_location: {err}")
+            return None
+        dock = self.session.widgets.get("dock")
+        if dock is not None and hasattr(dock, "show_tab"):
+            dock.show_tab("Fit")
+        return value
+
+    def use_mean(self, _value=None):
+        """Send the suggested tissue-level N_cells_per_location (a float) to the Fit widget."""
+        if self.estimate is None:
+            show_error("Count nuclei per spot first.")
+            return None
+        return self._send(float(self.estimate.value))
+
+    def use_per_spot(self, _value=None):
+        """Send the per-spot prior (n_spots,) from the counts to the Fit widget (all spots must be counted)."""
+        if self.estimate is None or self.counted is None:
+            show_error("Count nuclei per spot first.")
+            return None
+        if self.scope.value == SCOPE_SELECTED or not np.isfinite(self.counts[self.counted]).all():
+            show_error("A per-spot prior needs counts in every spot: count in all in-tissue spots.")
+            return None
+        return self._send(np.asarray(self.estimate.per_spot, dtype=float))
