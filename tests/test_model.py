@@ -399,3 +399,40 @@ def test_fast_mode_nnls_init_and_early_stopping(tiny):
     assert flat.index(True) == 29  # first window check at or after min_epochs
     falling = ConvergenceStopper(window=10, rtol=1e-3, patience=1, min_epochs=0)
     assert not any(falling.update(1000.0 * 0.9**i) for i in range(100))
+
+
+def test_adam_matches_torch():
+    from napari_cell2location.model._cell2location import Adam
+
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_(True) for t in a]
+    ours, ref = Adam(a, lr=0.05), torch.optim.Adam(b, lr=0.05)
+    for _ in range(20):
+        for params, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            loss = (params[0] ** 2).sum() + (params[1].sin()).sum() + (params[0].sum() * params[1].mean()) ** 2
+            loss.backward()
+            opt.step()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_nuclei_counts_observed_pull_spot_totals(tiny, tmp_path):
+    adata, sig, w = tiny
+    truth = w.sum(1)
+    counts = np.round(truth)
+    with pytest.raises(InputError, match="one per spot"):
+        Cell2location(adata, sig, nuclei_counts=counts[:5])
+    with pytest.raises(InputError, match="non-negative"):
+        Cell2location(adata, sig, nuclei_counts=-counts)
+    r = {}
+    for name, kw in (("without", {}), ("with", {"nuclei_counts": counts})):
+        mod = Cell2location(adata, sig, N_cells_per_location=float(truth.mean()), **kw)
+        mod.train(max_epochs=300, lr=0.02, progress_bar=False, seed=0)
+        est = mod.posterior_quantile(0.5)["w_sf"].sum(1)
+        r[name] = np.corrcoef(est, truth)[0, 1]
+    assert r["with"] > r["without"] and r["with"] > 0.9, r
+    mod.save(tmp_path / "m")
+    back = Cell2location.load(tmp_path / "m", adata)
+    torch.testing.assert_close(back.module.nuclei_counts, mod.module.nuclei_counts)

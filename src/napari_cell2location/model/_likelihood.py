@@ -96,8 +96,9 @@ class NegativeBinomialCounts(TorchDistribution):
     support = constraints.nonnegative
     has_rsample = False
 
-    def __init__(self, mu, alpha, batch_index=None, pattern: CountsPattern | None = None, obs2batch=None,
-                 validate_args=False):
+    def __init__(
+        self, mu, alpha, batch_index=None, pattern: CountsPattern | None = None, obs2batch=None, validate_args=False
+    ):
         self.mu = mu
         self.alpha = alpha
         self.batch_index = batch_index

@@ -96,6 +96,40 @@ class _LocationModelBase(PyroModule):
         self._pattern = None
         #: when True, forward() leaves out the likelihood (used to set up the guide without data)
         self.skip_likelihood = False
+        self.register_buffer("nuclei_counts", None)
+
+    def set_nuclei_counts(self, counts) -> None:
+        """Observe per-spot nuclei counts as Poisson draws around each spot's total cells (ours).
+
+        Adds ``nuclei_counts_s ~ Poisson(sum_f w_sf)`` to the model: counted nuclei pin the
+        absolute scale of the abundances, which the RNA alone leaves free to trade against
+        detection efficiency and the platform effect.
+
+        Parameters
+        ----------
+        counts : array-like or None
+            (n_obs,) non-negative counts (e.g. nuclei in each spot, scaled to the cells that
+            contribute RNA); ``None`` removes the term.
+        """
+        if counts is None:
+            self.nuclei_counts = None
+            return
+        arr = np.asarray(counts, dtype=np.float32).reshape(-1)
+        if arr.shape[0] != self.n_obs:
+            raise ValueError(f"nuclei_counts must have {self.n_obs} values (one per spot), got {arr.shape[0]}")
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError("nuclei_counts must be finite and non-negative")
+        self.nuclei_counts = torch.from_numpy(arr.reshape(-1, 1).copy()).to(self.cell_state.device)
+
+    def _nuclei_likelihood(self, obs_plate, w_sf):
+        if self.nuclei_counts is None or self.skip_likelihood:
+            return
+        with obs_plate as ind:
+            pyro.sample(
+                "nuclei_counts",
+                dist.Poisson(w_sf.sum(-1, keepdim=True), validate_args=False),
+                obs=self.nuclei_counts[ind],
+            )  # (B, 1)
 
     # ------------------------------------------------------------------ helpers
     def _const(self, value) -> torch.Tensor:
@@ -426,6 +460,7 @@ class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGen
             w_sf_mu = z_sr @ x_fr  # (B, F)
             w_sf = pyro.sample("w_sf", dist.Gamma(w_sf_mu * r_w, r_w))  # (B, F)
 
+        self._nuclei_likelihood(obs_plate, w_sf)
         detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
         mu = self._likelihood(obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse)
         with obs_plate:
@@ -511,6 +546,7 @@ class LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel(
         with obs_plate as ind:
             w_sf = pyro.sample("w_sf", dist.Gamma(a_factors / F, a_factors / n_cells).expand([len(ind), F]))  # (B, F)
 
+        self._nuclei_likelihood(obs_plate, w_sf)
         detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
         mu = self._likelihood(obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse)
         with obs_plate:
@@ -600,6 +636,7 @@ class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoM
         with obs_plate:
             w_sf = pyro.sample("w_sf", dist.Gamma(z_sr @ x_fr * r_w, r_w))  # (B, F)
 
+        self._nuclei_likelihood(obs_plate, w_sf)
         detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
         mu = self._likelihood(obs_plate, x_data, batch, w_sf, None, detection_y_s, s_g_gene_add, alpha_g_inverse)
         with obs_plate:

@@ -1,0 +1,132 @@
+"""How training cost grows with the number of spots, in minibatch mode.
+
+    .venv/bin/python benchmarks/scale.py [--spots 10000 50000 200000] [--genes 2000] [--types 15]
+        [--batch-size 2500] [--epochs 1] [--threads 2]
+
+Each size runs in its own subprocess (so peak RSS is that size's alone): it generates sparse
+counts from the model's own assumptions (cell types in spatial blocks, NB noise, ~80% zeros,
+as on real Visium data), keeps them sparse (CSR) on the host, trains ``--epochs`` minibatch
+epochs, and exports posterior quantiles in spot batches. It prints s/epoch, s/step, peak RSS
+and export time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def make_counts(n_spots: int, n_genes: int, n_types: int, seed: int = 0):
+    """Sparse (CSR) NB counts, generated in chunks of spots so memory stays small."""
+    import pandas as pd
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    sig = rng.gamma(0.3, 1.0, size=(n_genes, n_types)) * 0.6  # counts per cell, sparse-ish signatures
+    blocks = []
+    chunk = 20000
+    for start in range(0, n_spots, chunk):
+        n = min(chunk, n_spots - start)
+        present = rng.random((n, n_types)) < 0.3
+        w = rng.gamma(2.0, 1.5, size=(n, n_types)) * present
+        mu = (w @ sig.T) * 0.3
+        alpha = 10.0
+        counts = rng.poisson(rng.gamma(alpha, mu / alpha)).astype(np.float32)
+        blocks.append(sparse.csr_matrix(counts))
+    X = sparse.vstack(blocks, format="csr")
+    genes = [f"g{i}" for i in range(n_genes)]
+    return X, pd.DataFrame(sig, index=genes, columns=[f"T{f}" for f in range(n_types)]), genes
+
+
+def one_size(args) -> dict:
+    import anndata
+    import torch
+
+    from napari_cell2location import Cell2location
+
+    torch.set_num_threads(args.threads)
+    X, sig, genes = make_counts(args.one, args.genes, args.types)
+    adata = anndata.AnnData(X)
+    adata.var_names = genes
+    adata.obs_names = [f"s{i}" for i in range(adata.n_obs)]
+    density = X.nnz / (X.shape[0] * X.shape[1])
+    rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mod = Cell2location(adata, sig, N_cells_per_location=3.0)
+    t = time.perf_counter()
+    steps = 0
+    for _ in mod.iter_train(max_epochs=args.epochs, batch_size=args.batch_size, device="cpu", seed=0):
+        steps += 1
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    mod.export_posterior(
+        adata, use_quantiles=True, add_to_obsm=["means", "q05", "q50", "q95"], sample_kwargs={"batch_size": 20000}
+    )
+    export_s = time.perf_counter() - t
+    return {
+        "spots": args.one,
+        "density": density,
+        "s_per_epoch": train_s / args.epochs,
+        "s_per_step": train_s / steps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_data_mb": rss_data,
+        "export_s": export_s,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spots", type=int, nargs="+", default=[10000, 50000, 200000])
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--types", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=2500)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one is not None:
+        print(json.dumps(one_size(args)))
+        return
+    print(
+        f"minibatch training, {args.genes} genes, {args.types} types, batch {args.batch_size}, {args.threads} threads"
+    )
+    print(
+        f"{'spots':>8} {'nnz %':>6} {'s/epoch':>9} {'s/step':>7} {'peak RSS MB':>12} {'RSS data MB':>12} "
+        f"{'export s':>9}"
+    )
+    for n in args.spots:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(n),
+            "--genes",
+            str(args.genes),
+            "--types",
+            str(args.types),
+            "--batch-size",
+            str(args.batch_size),
+            "--epochs",
+            str(args.epochs),
+            "--threads",
+            str(args.threads),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"{n:>8} failed: {res.stderr[-400:]}")
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(
+            f"{n:>8} {100 * r['density']:6.1f} {r['s_per_epoch']:9.1f} {r['s_per_step']:7.3f} "
+            f"{r['peak_rss_mb']:12.0f} {r['rss_after_data_mb']:12.0f} {r['export_s']:9.1f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
