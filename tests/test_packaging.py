@@ -160,3 +160,17 @@ def test_package_import_is_light():
     """
     loaded = json.loads(_run_python(code).strip().splitlines()[-1])
     assert loaded == [], f"`import napari_cell2location` loaded heavy modules eagerly: {loaded}"
+
+
+def test_manifest_widgets_resolve_to_classes():
+    """Every command of the manifest points at a callable that exists."""
+    import importlib
+
+    import npe2
+
+    manifest = npe2.PluginManifest.from_distribution("napari-cell2location")
+    names = {w.display_name for w in manifest.contributions.widgets}
+    assert {"Cell2location", "Reference signatures", "Cells per spot"} <= names
+    for cmd in manifest.contributions.commands:
+        module, _, attr = cmd.python_name.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), cmd.python_name

@@ -1,4 +1,4 @@
-"""The Cell2location dock: Data, Fit, Results and Spot QC as tabs; other widgets can add tabs."""
+"""The Cell2location dock: Reference, Data, Cells per spot, Fit, Results and Spot QC as tabs."""
 
 import napari.viewer
 from qtpy.QtWidgets import QScrollArea, QTabWidget, QVBoxLayout, QWidget
@@ -7,6 +7,7 @@ from ._cells_widget import CellsPerSpotWidget
 from ._data_widget import DataWidget
 from ._fit_widget import FitWidget
 from ._qc_widget import SpotQCWidget
+from ._reference_widget import ReferenceWidget
 from ._results_widget import ResultsWidget
 from ._session import get_session
 
@@ -21,7 +22,7 @@ class Cell2locationDock(QWidget):
 
     Attributes
     ----------
-    data, fit, results, qc : magicgui.widgets.Container
+    reference, data, cells, fit, results, qc : magicgui.widgets.Container
         The step widgets.
     """
 
@@ -41,6 +42,8 @@ class Cell2locationDock(QWidget):
             self.add_tab(widget, title)
         self.cells = CellsPerSpotWidget(napari_viewer)
         self.add_tab(self.cells, "Cells per spot", index=1)  # between Data and Fit: it sets the fit's N prior
+        self.reference = ReferenceWidget(napari_viewer)
+        self.add_tab(self.reference, "Reference", index=0)  # first step: signatures from single cells
         self.session.widgets["dock"] = self
         self.session.fitted.connect(lambda _mod: self.tabs.setCurrentIndex(self.tabs.indexOf(self._pages["Results"])))
 
