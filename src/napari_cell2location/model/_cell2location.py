@@ -33,7 +33,7 @@ from ._modules import (
     LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel,
     LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
 )
-from ._posterior import GuideSummary, parse_quantile, summary_value
+from ._posterior import GuideSummary, parse_quantile, sorted_quantile
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class TrainStep(NamedTuple):
     epoch: int  #: epoch of this step (0-based)
 
 
+#: values in one batch of posterior draws (bounds the memory of :meth:`Cell2location.sample_posterior`)
+SAMPLE_BATCH_VALUES = 2_000_000
 #: learning rate of ``train(max_epochs=None)``
 AUTO_LR = 0.01
 #: most epochs ``train(max_epochs=None)`` runs before it gives up waiting for convergence
@@ -722,7 +724,8 @@ class Cell2location:
         num_samples : int
             Draws per site.
         batch_size : int, optional
-            Spots per batch (default: as many as keep one batch of draws under ~50 M values).
+            Spots per batch (default: as many as keep one batch of draws of the widest site
+            under :data:`SAMPLE_BATCH_VALUES`).
         return_sites : list of str, optional
             Sites to return (default all latent and deterministic sites).
         return_samples : bool
@@ -740,18 +743,28 @@ class Cell2location:
         widths = [self.module.list_obs_plate_vars()["sites"].get(s, 1) for s in summary.obs_sites]
         widest = max([*widths, self.n_factors])
         if batch_size is None:
-            batch_size = max(1, min(self.n_obs, int(5e7 // (num_samples * widest))))
+            batch_size = max(1, min(self.n_obs, int(SAMPLE_BATCH_VALUES // (num_samples * widest))))
         names = list(summary.sites) + ["u_sf_mRNA_factors", "detection_hyp_prior_alpha"]
         wanted = set(return_sites) if return_sites else set(names)
         globals_ = {s: summary.sample(s, num_samples) for s in summary.sites if s not in summary.obs_sites}
         collected = {k: {} for k in summaries}
         raw: dict = {}
 
+        quantiles = {k: parse_quantile(k) for k in summaries if parse_quantile(k) is not None}
+
         def add(site, draws):
-            for k in summaries:
-                collected[k].setdefault(site, []).append(_to_numpy(summary_value(draws, k)))
+            arr = _to_numpy(draws)  # (num_samples, ...); on the CPU a view, not a copy
             if return_samples:
-                raw.setdefault(site, []).append(_to_numpy(draws))
+                raw.setdefault(site, []).append(arr.copy())
+            for k in summaries:
+                if k == "means":
+                    collected[k].setdefault(site, []).append(arr.mean(0))
+                elif k == "stds":
+                    collected[k].setdefault(site, []).append(arr.std(0, ddof=1))
+            if quantiles:
+                arr.sort(axis=0)  # in place: these draws are not used again
+                for k, q in quantiles.items():
+                    collected[k].setdefault(site, []).append(sorted_quantile(arr, q))
 
         for ind in self._spot_batches(batch_size):
             local = {s: summary.sample(s, num_samples, ind) for s in summary.obs_sites}

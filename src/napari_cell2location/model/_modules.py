@@ -312,8 +312,7 @@ class _LocationModelBase(PyroModule):
         """
         gm = self.cell_state  # (F, G)
         if "m_g" in samples:
-            total_per_type = (samples["m_g"] * gm).sum(-1)  # (n, F)
-            total_per_type = total_per_type.unsqueeze(-2)  # (n, 1, F)
+            total_per_type = samples["m_g"] @ gm.T  # (n, 1, G) @ (G, F) -> (n, 1, F)
         else:
             total_per_type = gm.sum(-1)  # (F,)
         out = {"u_sf_mRNA_factors": samples["w_sf"] * total_per_type}
