@@ -383,9 +383,15 @@ def test_fast_mode_nnls_init_and_early_stopping(tiny):
 
     adata, sig, w = tiny
     mod = Cell2location(adata, sig, N_cells_per_location=float(w.sum(1).mean()))
-    recs = list(mod.iter_train(max_epochs=None, seed=0))
-    assert recs[0].total == AUTO_MAX_EPOCHS
-    assert 200 <= len(recs) < AUTO_MAX_EPOCHS  # stopped on convergence, not at the cap
+    gen = mod.iter_train(max_epochs=None, seed=0)
+    first = next(gen)
+    assert first.total == AUTO_MAX_EPOCHS and first.loss > 0
+    gen.close()
+    assert mod.guide.prototype_trace is not None
+    mod = Cell2location(adata, sig, N_cells_per_location=float(w.sum(1).mean()))
+    stopper = ConvergenceStopper(window=50, rtol=5e-3, patience=1, min_epochs=100)
+    recs = list(mod.iter_train(max_epochs=None, seed=0, early_stopping=stopper))
+    assert 100 <= len(recs) < AUTO_MAX_EPOCHS  # stopped on convergence, not at the cap
     start = mod._init_values["w_sf"]
     assert start.shape == w.shape and np.corrcoef(start.ravel(), w.ravel())[0, 1] > 0.8
     # an explicit max_epochs runs exactly that many epochs from the prior (the original's behaviour)

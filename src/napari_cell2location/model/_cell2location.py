@@ -503,8 +503,9 @@ class Cell2location:
         init : {'prior', 'nnls'}, optional
             Starting point of the abundances, used when the guide is first set up; default
             'nnls' with ``max_epochs=None``, else 'prior' (every w_sf at its prior mean, as the original).
-        early_stopping : bool, optional
-            Stop when the loss has converged; default True with ``max_epochs=None``, else False.
+        early_stopping : bool or ConvergenceStopper, optional
+            Stop when the loss has converged (a :class:`ConvergenceStopper` with its defaults, or
+            the one given); default True with ``max_epochs=None``, else False.
 
         Yields
         ------
@@ -522,7 +523,8 @@ class Cell2location:
             raise InputError(f"init must be 'prior' or 'nnls', got {init!r}")
         lr = float(lr if lr is not None else (AUTO_LR if auto else 0.002))
         max_epochs = AUTO_MAX_EPOCHS if auto else int(max_epochs)
-        early_stopping = auto if early_stopping is None else bool(early_stopping)
+        if early_stopping is None:
+            early_stopping = auto
         dev = resolve_device(device)
         if seed is not None:
             pyro.set_rng_seed(int(seed))
@@ -536,7 +538,10 @@ class Cell2location:
         elbo = Trace_ELBO(num_particles=int(num_particles))
         optim = Adam(list(self.guide.parameters()), lr=lr)
         args = self._full_args(dev) if full else None
-        stopper = ConvergenceStopper() if early_stopping else None
+        if isinstance(early_stopping, ConvergenceStopper):
+            stopper = early_stopping
+        else:
+            stopper = ConvergenceStopper() if early_stopping else None
         rng = np.random.default_rng(seed)
         epoch_losses: list[float] = []
         start_epoch = len(self._history)
