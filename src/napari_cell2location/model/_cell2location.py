@@ -85,7 +85,7 @@ class ConvergenceStopper:
         Epochs always run.
     """
 
-    def __init__(self, window: int = 100, rtol: float = 1e-3, patience: int = 1, min_epochs: int = 200):
+    def __init__(self, window: int = 100, rtol: float = 2e-3, patience: int = 1, min_epochs: int = 200):
         self.window, self.rtol = int(window), float(rtol)
         self.patience, self.min_epochs = int(patience), int(min_epochs)
         self.rule = f"windows of {window} epochs, relative improvement < {rtol:g} for {patience} windows"
