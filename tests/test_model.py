@@ -442,3 +442,16 @@ def test_nuclei_counts_observed_pull_spot_totals(tiny, tmp_path):
     mod.save(tmp_path / "m")
     back = Cell2location.load(tmp_path / "m", adata)
     torch.testing.assert_close(back.module.nuclei_counts, mod.module.nuclei_counts)
+
+
+def test_dense_terms_gradient_matches_autograd():
+    from napari_cell2location.model._likelihood import _DenseNBTerms
+
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.poisson(3, size=(6, 9)), dtype=torch.float64)
+    mu = torch.tensor(rng.gamma(2, 2, size=(6, 9)), dtype=torch.float64, requires_grad=True)
+    for alpha_shape in ((1, 9), (6, 9)):
+        alpha = torch.tensor(rng.gamma(4, 1, size=alpha_shape), dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_DenseNBTerms.apply, (mu, alpha, x))
+        ref = (torch.xlogy(x, mu) - (alpha + x) * torch.log(alpha + mu)).sum(-1)
+        torch.testing.assert_close(_DenseNBTerms.apply(mu, alpha, x), ref)
