@@ -16,13 +16,11 @@ import math
 import time
 from datetime import date
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyro
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 from scipy import sparse
@@ -34,6 +32,7 @@ from ._modules import (
     LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
 )
 from ._posterior import GuideSummary, parse_quantile, sorted_quantile
+from ._training import Adam, TrainStep, consume, svi_steps  # noqa: F401 (Adam, TrainStep re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +46,6 @@ _MODEL_CLASSES = {
     )
 }
 _DEFAULT_SUMMARIES = ("means", "stds", "q05", "q95")
-
-
-class TrainStep(NamedTuple):
-    """Progress record yielded by :meth:`Cell2location.iter_train` after each optimisation step."""
-
-    step: int  #: steps done so far in this call (1-based)
-    total: int  #: steps this call will run
-    loss: float  #: loss (negative ELBO, times ``scale_elbo``) of this step
-    epoch: int  #: epoch of this step (0-based)
 
 
 #: values in one batch of posterior draws (bounds the memory of :meth:`Cell2location.sample_posterior`)
@@ -133,57 +123,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     elif dev.type != "cpu":
         raise InputError(f"unsupported device {str(device)!r}; use 'auto', 'cpu' or 'cuda[:n]'.")
     return dev
-
-
-class Adam:
-    """Adam (Kingma & Ba), the same update as ``torch.optim.Adam`` with its defaults, in a few fused
-    ``torch._foreach`` calls.
-
-    Written out because constructing ``torch.optim.Adam`` imports ``torch._dynamo`` (seconds on
-    the first fit of a session) and its per-step bookkeeping costs milliseconds on small models.
-
-    Parameters
-    ----------
-    params : list of torch.Tensor
-        Leaf tensors to optimise.
-    lr : float
-        Learning rate.
-    betas : tuple of float
-        Decay of the first and second moment estimates.
-    eps : float
-        Added to the denominator.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = [p for p in params if p.requires_grad]
-        self.lr, (self.beta1, self.beta2), self.eps = float(lr), betas, float(eps)
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
-
-    def zero_grad(self, set_to_none: bool = True):
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self):
-        self.t += 1
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        grads = [p.grad for p in params]
-        m = [self.exp_avg[i] for i in idx]
-        v = [self.exp_avg_sq[i] for i in idx]
-        torch._foreach_lerp_(m, grads, 1 - self.beta1)
-        torch._foreach_mul_(v, self.beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - self.beta2)
-        bias1 = 1 - self.beta1**self.t
-        bias2 = 1 - self.beta2**self.t
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(bias2))
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, m, denom, value=-self.lr / bias1)
 
 
 def _describe(device: torch.device) -> str:
@@ -534,55 +473,37 @@ class Cell2location:
         logger.info("training on %s", _describe(dev))
         full = batch_size is None or int(batch_size) >= self.n_obs
         steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
-        total = max_epochs * steps_per_epoch
-        elbo = Trace_ELBO(num_particles=int(num_particles))
-        optim = Adam(list(self.guide.parameters()), lr=lr)
         args = self._full_args(dev) if full else None
         if isinstance(early_stopping, ConvergenceStopper):
             stopper = early_stopping
         else:
             stopper = ConvergenceStopper() if early_stopping else None
         rng = np.random.default_rng(seed)
-        epoch_losses: list[float] = []
-        start_epoch = len(self._history)
-        step = 0
-        self.module.train()
+
+        def batches(epoch):
+            if full:
+                return [args]
+            order = rng.permutation(self.n_obs)
+            size = int(batch_size)
+            return (self._batch_args(np.sort(order[i : i + size]), dev) for i in range(0, self.n_obs, size))
+
+        n_before = len(self._history)
         try:
-            for epoch in range(max_epochs):
-                if full:
-                    batches = [args]
-                else:
-                    order = rng.permutation(self.n_obs)
-                    batches = (
-                        self._batch_args(np.sort(order[i : i + int(batch_size)]), dev)
-                        for i in range(0, self.n_obs, int(batch_size))
-                    )
-                epoch_losses = []
-                for batch_args in batches:
-                    with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
-                        loss = elbo.differentiable_loss(self.module, self.guide, *batch_args) * scale_elbo
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optim.step()
-                    value = float(loss.detach())
-                    step += 1
-                    if not math.isfinite(value):
-                        raise FloatingPointError(
-                            f"the loss became {value} at step {step}. Usual causes: normalised or non-integer "
-                            f"counts, broken signatures, or too high a learning rate (lr={lr})."
-                        )
-                    epoch_losses.append(value)
-                    yield TrainStep(step, total, value, start_epoch + epoch)
-                self._history.append(float(np.mean(epoch_losses)))
-                epoch_losses = []
-                if stopper is not None and stopper.update(self._history[-1]):
-                    logger.info("loss converged after %d epochs (%s); stopping", epoch + 1, stopper.rule)
-                    break
+            yield from svi_steps(
+                self.module,
+                self.guide,
+                batches,
+                max_epochs,
+                steps_per_epoch,
+                lr,
+                self._history,
+                num_particles=num_particles,
+                scale_elbo=scale_elbo,
+                stopper=stopper,
+                nan_hint="normalised or non-integer counts, broken signatures",
+            )
         finally:
-            if epoch_losses:  # interrupted mid-epoch: record what was done
-                self._history.append(float(np.mean(epoch_losses)))
-            self.module.eval()
-            self.is_trained_ = self.is_trained_ or step > 0
+            self.is_trained_ = self.is_trained_ or len(self._history) > n_before
             self._summary = None
 
     @property
@@ -615,23 +536,11 @@ class Cell2location:
         unknown = set(kwargs) - allowed
         if unknown:
             raise TypeError(f"train() got unexpected arguments {sorted(unknown)}; accepted: {sorted(allowed)}")
-        gen = self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, scale_elbo, **kwargs)
-        bar = None
-        start = time.perf_counter()
-        try:
-            for rec in gen:
-                if progress_bar:
-                    if bar is None:
-                        from tqdm import tqdm
-
-                        bar = tqdm(total=rec.total, desc="training", unit="step")
-                    bar.update(1)
-                    if rec.step % 50 == 0 or rec.step == rec.total:
-                        bar.set_postfix(loss=f"{rec.loss:.4g}")
-        finally:
-            if bar is not None:
-                bar.close()
-        logger.info("trained in %.1f s", time.perf_counter() - start)
+        consume(
+            self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, scale_elbo, **kwargs),
+            progress_bar,
+            "training",
+        )
         return self
 
     # ------------------------------------------------------------------ posterior

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from datetime import date
 from pathlib import Path
 
@@ -20,13 +19,13 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 
 from ..io._validate import InputError
-from ..model._cell2location import TrainStep, _describe, _to_numpy, resolve_device
+from ..model._cell2location import _describe, _to_numpy, resolve_device
 from ..model._posterior import GuideSummary, parse_quantile
+from ..model._training import consume, svi_steps
 from ._module import RegressionBackgroundDetectionTechPyroModel
 from ._signatures import cluster_averages
 from ._validate import MIN_CELLS_PER_LABEL, check_reference, label_codes
@@ -130,7 +129,7 @@ class RegressionModel:
             )
             self.guide = self._make_guide()
         self.device = torch.device("cpu")
-        self.history_ = {"elbo_train": pd.DataFrame({"elbo_train": pd.Series(dtype=float)})}
+        self._history: list[float] = []
         self.is_trained_ = False
         self.samples: dict = {}
         self._summary = None
@@ -293,53 +292,36 @@ class RegressionModel:
         logger.info("training the reference model on %s", _describe(dev))
         full = batch_size is None or int(batch_size) >= self.n_obs
         steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
-        total = max_epochs * steps_per_epoch
-        elbo = Trace_ELBO(num_particles=int(num_particles))
-        optim = torch.optim.Adam(self.guide.parameters(), lr=float(lr))
         full_args = self._args(None, dev) if full else None
         rng = np.random.default_rng(seed)
-        epoch_losses: list[float] = []
-        start_epoch = len(self.history_["elbo_train"])
-        step = 0
-        self.module.train()
+
+        def batches(epoch):
+            if full:
+                return [full_args]
+            order = rng.permutation(self.n_obs)
+            size = int(batch_size)
+            return (self._args(np.sort(order[i : i + size]), dev) for i in range(0, self.n_obs, size))
+
+        n_before = len(self._history)
         try:
-            for epoch in range(max_epochs):
-                if full:
-                    batches = [full_args]
-                else:
-                    order = rng.permutation(self.n_obs)
-                    batches = (
-                        self._args(np.sort(order[i : i + int(batch_size)]), dev)
-                        for i in range(0, self.n_obs, int(batch_size))
-                    )
-                epoch_losses = []
-                for args in batches:
-                    with pyro.settings.context(module_local_params=True):
-                        loss = elbo.differentiable_loss(self.module, self.guide, *args)
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optim.step()
-                    value = float(loss.detach())
-                    step += 1
-                    if not math.isfinite(value):
-                        raise FloatingPointError(
-                            f"the loss became {value} at step {step}. Usual causes: normalised or non-integer "
-                            f"counts, or too high a learning rate (lr={lr})."
-                        )
-                    epoch_losses.append(value)
-                    yield TrainStep(step, total, value, start_epoch + epoch)
-                self._append_history(float(np.mean(epoch_losses)))
-                epoch_losses = []
+            yield from svi_steps(
+                self.module,
+                self.guide,
+                batches,
+                max_epochs,
+                steps_per_epoch,
+                float(lr),
+                self._history,
+                num_particles=num_particles,
+            )
         finally:
-            if epoch_losses:  # interrupted mid-epoch: record what was done
-                self._append_history(float(np.mean(epoch_losses)))
-            self.module.eval()
-            self.is_trained_ = self.is_trained_ or step > 0
+            self.is_trained_ = self.is_trained_ or len(self._history) > n_before
             self._summary = None
 
-    def _append_history(self, value: float):
-        df = self.history_["elbo_train"]
-        df.loc[len(df), "elbo_train"] = value
+    @property
+    def history_(self) -> dict:
+        """``{'elbo_train': DataFrame}``: the training loss (negative ELBO) of each epoch."""
+        return {"elbo_train": pd.DataFrame({"elbo_train": np.asarray(self._history, dtype=float)})}
 
     def train(
         self,
@@ -364,23 +346,11 @@ class RegressionModel:
         unknown = set(kwargs) - allowed
         if unknown:
             raise TypeError(f"train() got unexpected arguments {sorted(unknown)}; accepted: {sorted(allowed)}")
-        gen = self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, **kwargs)
-        bar = None
-        start = time.perf_counter()
-        try:
-            for rec in gen:
-                if progress_bar:
-                    if bar is None:
-                        from tqdm import tqdm
-
-                        bar = tqdm(total=rec.total, desc="training reference", unit="step")
-                    bar.update(1)
-                    if rec.step % 50 == 0 or rec.step == rec.total:
-                        bar.set_postfix(loss=f"{rec.loss:.4g}")
-        finally:
-            if bar is not None:
-                bar.close()
-        logger.info("trained the reference model in %.1f s", time.perf_counter() - start)
+        consume(
+            self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, **kwargs),
+            progress_bar,
+            "training reference",
+        )
         return self
 
     # ------------------------------------------------------------------ posterior
@@ -689,7 +659,7 @@ class RegressionModel:
             "model_kwargs": self.model_kwargs,
             "factor_names": self.factor_names_,
             "var_names": list(self.var_names),
-            "history": self.history_["elbo_train"]["elbo_train"].astype(float).tolist(),
+            "history": list(self._history),
         }
         with open(path / "attr.json", "w") as fh:
             json.dump(attrs, fh)
@@ -718,7 +688,7 @@ class RegressionModel:
         obj._ensure_guide(resolve_device(device))
         state = torch.load(path / "model.pt", map_location=obj.device, weights_only=True)
         obj.guide.load_state_dict(state["guide"])
-        obj.history_["elbo_train"] = pd.DataFrame({"elbo_train": np.asarray(attrs["history"], dtype=float)})
+        obj._history = [float(v) for v in attrs["history"]]
         obj.is_trained_ = True
         return obj
 
