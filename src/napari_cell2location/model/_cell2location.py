@@ -166,9 +166,12 @@ class Cell2location:
     detection_mean_correction : float
         Multiplier of the data-derived detection mean.
     nuclei_counts : array-like, optional
-        (n_obs,) nuclei counted in each spot (ours; see ``napari_cell2location.nuclei``): observed
-        as Poisson draws around each spot's total cells, which pins the absolute scale of the
-        abundances. Combine with a per-spot ``N_cells_per_location``.
+        (n_obs,) nuclei counted in each spot (ours; see ``napari_cell2location.nuclei``), scaled to
+        the cells that contribute RNA: observed around each spot's total cells, which pins the
+        absolute scale of the abundances. Combine with a per-spot ``N_cells_per_location``.
+    nuclei_counts_weight : float
+        Precision of ``nuclei_counts``: their variance around a spot's total T is T / weight
+        (1 = Poisson; the default 100 trusts the counts closely).
     **model_kwargs
         Passed to the module, e.g. ``N_cells_per_location`` (a scalar or a per-spot array) and
         ``detection_alpha``.
@@ -193,6 +196,7 @@ class Cell2location:
         detection_mean_per_sample: bool = False,
         detection_mean_correction: float = 1.0,
         nuclei_counts=None,
+        nuclei_counts_weight: float = 100.0,
         **model_kwargs,
     ):
         if model_class is None:
@@ -254,7 +258,7 @@ class Cell2location:
             if isinstance(nuclei_counts, pd.Series):
                 nuclei_counts = nuclei_counts.reindex(self.obs_names).to_numpy()
             try:
-                self.module.set_nuclei_counts(nuclei_counts)
+                self.module.set_nuclei_counts(nuclei_counts, nuclei_counts_weight)
             except ValueError as err:
                 raise InputError(str(err)) from None
         self.device = torch.device("cpu")
@@ -854,6 +858,7 @@ class Cell2location:
             ),
             "detection_mean_per_sample": self.detection_mean_per_sample,
             "detection_mean_correction": self.detection_mean_correction,
+            "nuclei_counts_weight": self.module.nuclei_counts_weight,
             "nuclei_counts": _json_ready(
                 None if self.module.nuclei_counts is None else _to_numpy(self.module.nuclei_counts).ravel()
             ),
@@ -919,6 +924,7 @@ class Cell2location:
                 detection_mean_per_sample=attrs["detection_mean_per_sample"],
                 detection_mean_correction=attrs["detection_mean_correction"],
                 nuclei_counts=attrs.get("nuclei_counts"),
+                nuclei_counts_weight=attrs.get("nuclei_counts_weight", 100.0),
                 **kwargs,
             )
         finally:

