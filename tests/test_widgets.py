@@ -295,3 +295,20 @@ def test_switching_cell_type_is_instant_for_5000_spots(make_napari_viewer, qtbot
     assert layer.metadata["shown"] == ("q05", types[14])
     print(f"switch 5000 spots: median {np.median(times) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms")
     assert np.median(times) < 0.1, times
+
+
+def test_fit_job_observes_per_spot_counts_from_histology():
+    """A per-spot N from the Cells-per-spot tab is also observed as nuclei counts (pins the scale)."""
+    from conftest import make_tiny
+    from napari_cell2location._qt._fit_widget import fit_job
+
+    adata, sig, w = make_tiny(n_obs=30, n_vars=50, n_factors=3)
+    counts = np.round(w.sum(1)) + 1.0
+    settings = {"batch_key": None, "model_class": None, "N_cells_per_location": counts, "detection_alpha": 20.0,
+                "max_epochs": 2, "batch_size": None, "lr": 0.01, "device": "cpu"}
+    kind, mod = next(fit_job(adata, sig, settings))
+    assert kind == "model"
+    np.testing.assert_allclose(mod.module.nuclei_counts.numpy().ravel(), counts)
+    settings["N_cells_per_location"] = 5.0
+    _, mod = next(fit_job(adata, sig, settings))
+    assert mod.module.nuclei_counts is None

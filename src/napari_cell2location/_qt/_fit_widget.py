@@ -35,12 +35,16 @@ def fit_job(adata, signatures, settings: dict):
     from ..model import Cell2location
 
     Cell2location.setup_anndata(adata, batch_key=settings["batch_key"])
+    n_cells = settings["N_cells_per_location"]
+    per_spot = isinstance(n_cells, np.ndarray) and n_cells.ndim == 1
     mod = Cell2location(
         adata,
         signatures,
         model_class=settings["model_class"],
-        N_cells_per_location=settings["N_cells_per_location"],
+        N_cells_per_location=n_cells,
         detection_alpha=settings["detection_alpha"],
+        # per-spot counts from the histology are also observed: they pin the abundance scale
+        nuclei_counts=n_cells if per_spot else None,
     )
     yield ("model", mod)
     yield from mod.iter_train(
@@ -142,7 +146,9 @@ class FitWidget(Container):
             self._n_cells_array = value
             with self.n_cells.changed.blocked():
                 self.n_cells.value = float(np.mean(value))
-            self.n_cells_note.value = f"per-spot prior from histology (mean {np.mean(value):.2f}, {len(value)} spots)"
+            self.n_cells_note.value = (
+                f"per-spot prior and observed counts from histology (mean {np.mean(value):.2f}, {len(value)} spots)"
+            )
 
     def _scalar_n_cells(self, value):
         self._n_cells_array = None
