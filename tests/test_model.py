@@ -455,3 +455,15 @@ def test_dense_terms_gradient_matches_autograd():
         assert torch.autograd.gradcheck(_DenseNBTerms.apply, (mu, alpha, x))
         ref = (torch.xlogy(x, mu) - (alpha + x) * torch.log(alpha + mu)).sum(-1)
         torch.testing.assert_close(_DenseNBTerms.apply(mu, alpha, x), ref)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_sparse_validation_names_the_offending_entry(tiny, fmt):
+    adata, sig, _ = tiny
+    X = adata.X.toarray()
+    X[3, 2] = 2.5
+    from scipy import sparse
+
+    adata.X = sparse.csr_matrix(X).asformat(fmt)
+    with pytest.raises(InputError, match=r"'spot_3', gene 'gene_2'"):
+        Cell2location(adata, sig)

@@ -71,23 +71,28 @@ def validate_counts(X, obs_names=None, var_names=None, what: str = "adata.X") ->
     what : str
         How to call the matrix in messages.
     """
-    if sparse.issparse(X):
-        coo = X.tocoo() if not sparse.isspmatrix_coo(X) else X
-        data, rows, cols = np.asarray(coo.data), coo.row, coo.col
+    sparse_x = sparse.issparse(X)
+    if sparse_x:
+        if X.format not in ("csr", "csc", "coo"):
+            X = X.tocsr()
+        data = np.asarray(X.data)  # checked in place: no COO copy of a large matrix
     else:
         arr = np.asarray(X)
         if arr.ndim != 2:
             raise InputError(f"{what} must be 2-dimensional (n_obs, n_vars), got shape {arr.shape}.")
         data = arr.ravel()
-        rows = cols = None
     if not np.issubdtype(data.dtype, np.number):
         raise InputError(f"{what} has non-numeric dtype {data.dtype}; cell2location needs raw integer counts.")
 
     def where(i: int) -> str:
-        if rows is None:
+        if not sparse_x:
             r, c = np.unravel_index(i, np.shape(X))
-        else:
-            r, c = rows[i], cols[i]
+        elif X.format == "coo":
+            r, c = X.row[i], X.col[i]
+        else:  # position i of data in a compressed matrix: find its row (csr) or column (csc)
+            outer = int(np.searchsorted(X.indptr, i, side="right") - 1)
+            inner = int(X.indices[i])
+            r, c = (outer, inner) if X.format == "csr" else (inner, outer)
         obs = obs_names[r] if obs_names is not None else r
         var = var_names[c] if var_names is not None else c
         return f"(observation {obs!r}, gene {var!r})"
@@ -298,7 +303,8 @@ def prepare_inputs(
         )
     var_idx = np.flatnonzero(shared_mask)
     X = count_matrix(adata, layer)
-    X = X[:, var_idx]
+    if len(var_idx) < adata.n_vars:  # a column subset copies the matrix: only when genes are dropped
+        X = X[:, var_idx]
     what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     validate_counts(X, obs_names, var_names[var_idx], what=what)
 
