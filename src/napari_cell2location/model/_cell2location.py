@@ -600,26 +600,7 @@ class Cell2location:
 
     def _summaries_from_guide(self, names, batch_size=None) -> dict:
         """Means, stds (quadrature) and quantiles (exact) of the latent sites, without sampling."""
-        summary = self._guide_summary()
-        out = {f"post_sample_{k}": {} for k in names}
-        for site in summary.sites:
-            inds = list(self._spot_batches(batch_size)) if site in summary.obs_sites else [None]
-            parts = {k: [] for k in names}
-            for ind in inds:
-                if "means" in names or "stds" in names:
-                    m, s = summary.moments(site, ind)
-                    if "means" in names:
-                        parts["means"].append(_to_numpy(m))
-                    if "stds" in names:
-                        parts["stds"].append(_to_numpy(s))
-                for k in names:
-                    q = parse_quantile(k)
-                    if q is not None:
-                        parts[k].append(_to_numpy(summary.quantile(site, q, ind)))
-                    elif k not in ("means", "stds"):
-                        raise ValueError(f"unknown posterior summary {k!r}")
-            for k in names:
-                out[f"post_sample_{k}"][site] = np.concatenate(parts[k], axis=0)
+        out = self._guide_summary().summaries(names, obs_batches=list(self._spot_batches(batch_size)))
         if "means" in names:  # mean of a product of independent factors = product of means
             means = {k: torch.as_tensor(v, device=self.device)[None] for k, v in out["post_sample_means"].items()}
             det = self.module.deterministic_sites(means)

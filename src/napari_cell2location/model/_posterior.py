@@ -104,3 +104,35 @@ class GuideSummary:
         loc, scale = self.loc_scale(name, ind)
         eps = torch.randn((num_samples, *loc.shape), dtype=loc.dtype, device=loc.device)
         return self.sites[name](loc + scale * eps)
+
+    @torch.no_grad()
+    def summaries(self, names, obs_batches=None) -> dict:
+        """Summaries of every site without sampling: ``{'post_sample_{name}': {site: numpy array}}``.
+
+        Parameters
+        ----------
+        names : sequence of str
+            'means', 'stds' (quadrature) and quantiles such as 'q05' (exact).
+        obs_batches : sequence of index tensors, optional
+            Batches of observations for the obs-plate sites (bounded memory); default all at once.
+        """
+        out = {f"post_sample_{k}": {} for k in names}
+        for site in self.sites:
+            inds = list(obs_batches) if (obs_batches is not None and site in self.obs_sites) else [None]
+            parts = {k: [] for k in names}
+            for ind in inds:
+                if "means" in names or "stds" in names:
+                    m, s = self.moments(site, ind)
+                    if "means" in names:
+                        parts["means"].append(m.cpu().numpy())
+                    if "stds" in names:
+                        parts["stds"].append(s.cpu().numpy())
+                for k in names:
+                    q = parse_quantile(k)
+                    if q is not None:
+                        parts[k].append(self.quantile(site, q, ind).cpu().numpy())
+                    elif k not in ("means", "stds"):
+                        raise ValueError(f"unknown posterior summary {k!r}")
+            for k in names:
+                out[f"post_sample_{k}"][site] = np.concatenate(parts[k], axis=0)
+        return out

@@ -386,22 +386,7 @@ class RegressionModel:
 
     def _summaries_from_guide(self, names) -> dict:
         """Means and stds (quadrature) and quantiles (exact) of every site, without sampling."""
-        summary = self._guide_summary()
-        out = {f"post_sample_{k}": {} for k in names}
-        for site in summary.sites:
-            if "means" in names or "stds" in names:
-                m, s = summary.moments(site)
-                if "means" in names:
-                    out["post_sample_means"][site] = _to_numpy(m)
-                if "stds" in names:
-                    out["post_sample_stds"][site] = _to_numpy(s)
-            for k in names:
-                q = parse_quantile(k)
-                if q is not None:
-                    out[f"post_sample_{k}"][site] = _to_numpy(summary.quantile(site, q))
-                elif k not in ("means", "stds"):
-                    raise ValueError(f"unknown posterior summary {k!r}")
-        return out
+        return self._guide_summary().summaries(names)
 
     @torch.no_grad()
     def sample_posterior(self, num_samples: int = 1000, summaries=_DEFAULT_SUMMARIES, max_values: int = 20_000_000):
