@@ -32,7 +32,7 @@ from ._modules import (
     LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
 )
 from ._posterior import GuideSummary, parse_quantile, sorted_quantile
-from ._training import Adam, TrainStep, consume, svi_steps  # noqa: F401 (Adam, TrainStep re-exported)
+from ._training import Adam, TrainStep, consume, epoch_batches, svi_steps  # noqa: F401 (Adam, TrainStep re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -477,20 +477,13 @@ class Cell2location:
         logger.info("training on %s", _describe(dev))
         full = batch_size is None or int(batch_size) >= self.n_obs
         steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
-        args = self._full_args(dev) if full else None
         if isinstance(early_stopping, ConvergenceStopper):
             stopper = early_stopping
         else:
             stopper = ConvergenceStopper() if early_stopping else None
-        rng = np.random.default_rng(seed)
-
-        def batches(epoch):
-            if full:
-                return [args]
-            order = rng.permutation(self.n_obs)
-            size = int(batch_size)
-            return (self._batch_args(np.sort(order[i : i + size]), dev) for i in range(0, self.n_obs, size))
-
+        batches = epoch_batches(
+            self.n_obs, batch_size, lambda ind: self._batch_args(ind, dev), self._full_args(dev) if full else None, seed
+        )
         n_before = len(self._history)
         try:
             yield from svi_steps(

@@ -81,6 +81,34 @@ class Adam:
         torch._foreach_addcdiv_(params, m, denom, value=-self.lr / bias1)
 
 
+def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, full_args=None, seed=None):
+    """``batches(epoch)`` for :func:`svi_steps`: all observations at once, or shuffled minibatches.
+
+    Parameters
+    ----------
+    n_obs : int
+        Observations.
+    batch_size : int or None
+        Observations per minibatch; ``None`` (or >= n_obs): one full-data step per epoch.
+    make_args : callable
+        ``make_args(sorted_indices)`` -> model arguments of one minibatch.
+    full_args : tuple, optional
+        Model arguments of a full-data step (required when not minibatching).
+    seed : int, optional
+        Seed of the minibatch order.
+    """
+    if batch_size is None or int(batch_size) >= n_obs:
+        return lambda epoch: [full_args]
+    rng = np.random.default_rng(seed)
+    size = int(batch_size)
+
+    def batches(epoch):
+        order = rng.permutation(n_obs)
+        return (make_args(np.sort(order[i : i + size])) for i in range(0, n_obs, size))
+
+    return batches
+
+
 def svi_steps(
     module,
     guide,

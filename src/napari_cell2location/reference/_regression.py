@@ -25,7 +25,7 @@ from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 from ..io._validate import InputError
 from ..model._cell2location import _describe, _to_numpy, resolve_device
 from ..model._posterior import GuideSummary, parse_quantile
-from ..model._training import consume, svi_steps
+from ..model._training import consume, epoch_batches, svi_steps
 from ._module import RegressionBackgroundDetectionTechPyroModel
 from ._signatures import cluster_averages
 from ._validate import MIN_CELLS_PER_LABEL, check_reference, label_codes
@@ -292,16 +292,9 @@ class RegressionModel:
         logger.info("training the reference model on %s", _describe(dev))
         full = batch_size is None or int(batch_size) >= self.n_obs
         steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
-        full_args = self._args(None, dev) if full else None
-        rng = np.random.default_rng(seed)
-
-        def batches(epoch):
-            if full:
-                return [full_args]
-            order = rng.permutation(self.n_obs)
-            size = int(batch_size)
-            return (self._args(np.sort(order[i : i + size]), dev) for i in range(0, self.n_obs, size))
-
+        batches = epoch_batches(
+            self.n_obs, batch_size, lambda ind: self._args(ind, dev), self._args(None, dev) if full else None, seed
+        )
         n_before = len(self._history)
         try:
             yield from svi_steps(
