@@ -30,18 +30,6 @@ def parse_quantile(name: str) -> float | None:
     return int(digits) / 10 ** len(digits)
 
 
-def summary_value(samples: torch.Tensor, name: str) -> torch.Tensor:
-    """Summarise samples (leading dim = draws) by 'means', 'stds' or a quantile name ('q05')."""
-    if name == "means":
-        return samples.mean(0)
-    if name == "stds":
-        return samples.std(0)
-    q = parse_quantile(name)
-    if q is None:
-        raise ValueError(f"unknown posterior summary {name!r}: use 'means', 'stds' or quantiles such as 'q05'")
-    return sorted_quantile(torch.sort(samples, dim=0).values, q)
-
-
 def sorted_quantile(sorted_samples: torch.Tensor, q: float) -> torch.Tensor:
     """Quantile q (linear interpolation, as numpy's default) of draws sorted along dim 0."""
     n = sorted_samples.shape[0]
