@@ -24,6 +24,7 @@ def nnls_abundance(
     chunk_size: int = 4096,
     min_value: float = 1e-2,
     device: str | torch.device = "cpu",
+    tol: float = 1e-4,
 ) -> np.ndarray:
     """Non-negative abundances (cells) of each cell type in each spot.
 
@@ -38,13 +39,15 @@ def nnls_abundance(
     batch_index : numpy.ndarray, optional
         (n_obs,) batch of each spot.
     n_iter : int
-        Multiplicative updates.
+        Multiplicative updates at most.
     chunk_size : int
         Spots per chunk.
     min_value : float
         Floor of the returned abundances (the model's Gamma sites need positive values).
     device : str or torch.device
         Where to compute.
+    tol : float
+        Stop a chunk's updates early once they change the abundances by less than this (relative L1).
 
     Returns
     -------
@@ -68,9 +71,13 @@ def nnls_abundance(
         totals = x.sum(1, keepdim=True)
         a = (totals / denom.sum()).expand(-1, n_factors + 1).clone()  # flat start
         a[:, -1] *= 0.1
-        for _ in range(int(n_iter)):
+        for it in range(int(n_iter)):
             ratio = x / (a @ g_aug).clamp_min(1e-8)  # (n, G)
-            a = a * (ratio @ g_aug.T) / denom
+            new = a * (ratio @ g_aug.T) / denom
+            if it % 10 == 9 and ((new - a).abs().sum() / a.abs().sum().clamp_min(1e-12)) < tol:
+                a = new
+                break  # converged: large data need not pay for every update
+            a = new
         d = det[batch_index[start:stop]] if (batch_index is not None and det.size > 1) else det[0]
         d = torch.as_tensor(np.asarray(d, dtype=np.float32), device=dev).reshape(-1, 1)
         out[start:stop] = (a[:, :n_factors] / d).clamp_min(min_value).cpu().numpy()
