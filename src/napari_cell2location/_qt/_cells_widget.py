@@ -26,6 +26,7 @@ from psygnal import Signal
 
 from ._mpl import MplCanvas
 from ._session import context_of, get_session
+from ._worker import cancel_worker, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,6 @@ class CellsPerSpotWidget(Container):
 
     def detect(self, _value=None):
         """Detect nuclei on the chosen Image layer in a worker; the result becomes the nuclei layer."""
-        from napari.qt.threading import create_worker
 
         from ..nuclei import iter_detect_nuclei
 
@@ -255,7 +255,8 @@ class CellsPerSpotWidget(Container):
         self.progress.value = 0
         self.progress.max = 1
         self.status.value = f"detecting nuclei ({'H&E' if kind == 'he' else 'fluorescence'}, {px:.3g} µm/px)..."
-        self.worker = create_worker(
+        start_worker(
+            self,
             iter_detect_nuclei,
             data,
             pixel_size_um=px,
@@ -263,13 +264,9 @@ class CellsPerSpotWidget(Container):
             nucleus_diameter_um=float(self.nucleus_diameter.value),
             channel_axis=-1 if image.rgb else None,
             chunk_size=int(self.chunk_size),
-            _ignore_errors=True,
+            on_yielded=self._on_progress,
+            on_returned=self._on_detected,
         )
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(self._on_detected)
-        self.worker.errored.connect(self._on_error)
-        self.worker.aborted.connect(self._on_aborted)
-        self.worker.finished.connect(self._on_finished)
         self.detect_button.enabled = False
         self.cancel_button.enabled = True
         self.worker.start()
@@ -277,9 +274,7 @@ class CellsPerSpotWidget(Container):
 
     def cancel(self, _value=None):
         """Stop the detection after the current tile."""
-        if self.worker is not None:
-            self.status.value = "cancelling..."
-            self.worker.quit()
+        cancel_worker(self)
 
     def _on_progress(self, p):
         self.progress.max = max(int(p.total), 1)

@@ -11,6 +11,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._mpl import MplCanvas
 from ._session import as_n_cells, context_of, get_session
+from ._worker import cancel_worker, fmt_time, show_training_item, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,6 @@ class FitWidget(Container):
 
     def run(self, _value=None):
         """Start the fit in a worker thread (no-op while one runs)."""
-        from napari.qt.threading import create_worker
 
         if self.running:
             return None
@@ -203,12 +203,15 @@ class FitWidget(Container):
         self.progress.value = 0
         self.status.value = "setting up the model..."
         self._fit_layer = self.session.spots_layer
-        self.worker = create_worker(fit_job, ctx.adata, self.session.signatures, settings, _ignore_errors=True)
-        self.worker.yielded.connect(self._on_yield)
-        self.worker.returned.connect(self._on_returned)
-        self.worker.errored.connect(self._on_error)
-        self.worker.aborted.connect(self._on_aborted)
-        self.worker.finished.connect(self._on_finished)
+        start_worker(
+            self,
+            fit_job,
+            ctx.adata,
+            self.session.signatures,
+            settings,
+            on_yielded=self._on_yield,
+            on_returned=self._on_returned,
+        )
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.save_button.enabled = False
@@ -217,28 +220,13 @@ class FitWidget(Container):
 
     def cancel(self, _value=None):
         """Ask the worker to stop; it stops before the next training step."""
-        if self.worker is not None:
-            self.status.value = "cancelling..."
-            self.worker.quit()
+        cancel_worker(self)
 
     def _on_yield(self, item):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            kind, value = item
-            if kind == "model":
-                self.status.value = (
-                    f"training: {value.n_obs} spots x {value.n_vars} genes, {value.n_factors} cell types"
-                )
-            elif kind == "exporting":
-                self.status.value = "exporting the posterior..."
+        step = show_training_item(self, item, "spots")
+        if step is None:
             return
-        step = item
-        if self.progress.max != step.total:
-            self.progress.max = step.total
-        self.progress.value = step.step
         self.losses.append(float(step.loss))
-        elapsed = time.perf_counter() - self._t0
-        eta = elapsed / step.step * (step.total - step.step)
-        self.status.value = f"step {step.step}/{step.total}  loss {step.loss:,.0f}  ETA {_fmt_time(eta)}"
         now = time.perf_counter()
         if now - self._last_plot > _PLOT_INTERVAL_S or step.step == step.total:
             self._last_plot = now
@@ -280,10 +268,10 @@ class FitWidget(Container):
         self.draw_history(mod.history_["elbo_train"].to_numpy().ravel())
         self.progress.value = self.progress.max  # fast mode may stop before its step limit
         elapsed = time.perf_counter() - self._t0
-        self.status.value = f"done in {_fmt_time(elapsed)}: {mod.n_factors} cell types over {mod.n_obs} spots"
+        self.status.value = f"done in {fmt_time(elapsed)}: {mod.n_factors} cell types over {mod.n_obs} spots"
         self.save_button.enabled = True
         self.session.fitted.emit(mod)
-        show_info(f"Cell2location fit finished in {_fmt_time(elapsed)}; see the '{results.name}' layer.")
+        show_info(f"Cell2location fit finished in {fmt_time(elapsed)}; see the '{results.name}' layer.")
 
     def _on_error(self, err):
         logger.exception("fit failed", exc_info=err)
@@ -319,10 +307,3 @@ class FitWidget(Container):
             return None
         show_info(f"Saved results to {out}")
         return out
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"

@@ -28,6 +28,7 @@ from psygnal import Signal
 
 from ._mpl import MplCanvas
 from ._session import get_session
+from ._worker import cancel_worker, show_training_item, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +326,6 @@ class ReferenceWidget(Container):
 
     def run(self, _value=None):
         """Estimate the signatures in a worker thread (no-op while one runs); returns the worker."""
-        from napari.qt.threading import create_worker
 
         from ..io import InputError
         from ..reference import check_reference
@@ -345,40 +345,21 @@ class ReferenceWidget(Container):
         self._t0 = time.perf_counter()
         self.progress.max, self.progress.value = 1, 0
         self.status.value = "filtering genes..."
-        self.worker = create_worker(reference_job, self.adata, settings, _ignore_errors=True)
-        self.worker.yielded.connect(self._on_yield)
-        self.worker.returned.connect(self._on_returned)
-        self.worker.errored.connect(self._on_error)
-        self.worker.aborted.connect(self._on_aborted)
-        self.worker.finished.connect(self._on_finished)
+        start_worker(
+            self, reference_job, self.adata, settings, on_yielded=self._on_yield, on_returned=self._on_returned
+        )
         self._update_buttons()
         self.worker.start()
         return self.worker
 
     def cancel(self, _value=None):
         """Ask the worker to stop; it stops before the next training step."""
-        if self.worker is not None:
-            self.status.value = "cancelling..."
-            self.worker.quit()
+        cancel_worker(self)
 
     def _on_yield(self, item):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            kind, value = item
-            if kind == "model":
-                self.status.value = (
-                    f"training: {value.n_obs} cells x {value.n_vars} genes, {value.n_factors} cell types"
-                )
-            elif kind == "exporting":
-                self.status.value = "exporting the posterior..."
-            return
-        step = item
-        if self.progress.max != step.total:
-            self.progress.max = step.total
-        self.progress.value = step.step
-        self.losses.append(float(step.loss))
-        elapsed = time.perf_counter() - self._t0
-        eta = elapsed / step.step * (step.total - step.step)
-        self.status.value = f"step {step.step}/{step.total}  loss {step.loss:,.0f}  ETA {eta:.0f} s"
+        step = show_training_item(self, item, "cells")
+        if step is not None:
+            self.losses.append(float(step.loss))
 
     def _on_returned(self, result):
         signatures, model, _adata = result
