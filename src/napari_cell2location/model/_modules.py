@@ -23,6 +23,42 @@ _GENE_ADD_MEAN_HYP = {"alpha": 1.0, "beta": 100.0}
 _DETECTION_HYP = {"mean_alpha": 10.0}
 
 
+def sample_gene_background(const, n_batch: int, n_vars: int, alpha_hyp: dict, mean_hyp: dict) -> torch.Tensor:
+    """Sample the additive background s_eg (free-floating RNA) of each batch and gene.
+
+    s_g_gene_add_alpha_hyp ~ Gamma(alpha_hyp) (1, 1); s_g_gene_add_mean ~ Gamma(mean_hyp) (E, 1);
+    s_g_gene_add_alpha_e_inv ~ Exponential(s_g_gene_add_alpha_hyp) (E, 1);
+    s_g_gene_add ~ Gamma(a_e, a_e / s_g_gene_add_mean) (E, G) with a_e = 1 / alpha_e_inv^2.
+    Shared by the spatial models and the reference regression.
+
+    Parameters
+    ----------
+    const : callable
+        Makes a float tensor of a Python number on the model's device.
+    n_batch, n_vars : int
+        E and G.
+    alpha_hyp, mean_hyp : dict
+        ``alpha`` and ``beta`` of the two hyper-priors.
+    """
+    E, G = n_batch, n_vars
+    s_g_gene_add_alpha_hyp = pyro.sample(
+        "s_g_gene_add_alpha_hyp",
+        dist.Gamma(const(alpha_hyp["alpha"]), const(alpha_hyp["beta"])).expand([1, 1]).to_event(2),
+    )  # (1, 1)
+    s_g_gene_add_mean = pyro.sample(
+        "s_g_gene_add_mean",
+        dist.Gamma(const(mean_hyp["alpha"]), const(mean_hyp["beta"])).expand([E, 1]).to_event(2),
+    )  # (E, 1)
+    s_g_gene_add_alpha_e_inv = pyro.sample(
+        "s_g_gene_add_alpha_e_inv", dist.Exponential(s_g_gene_add_alpha_hyp).expand([E, 1]).to_event(2)
+    )  # (E, 1)
+    s_g_gene_add_alpha_e = s_g_gene_add_alpha_e_inv.pow(-2)
+    return pyro.sample(
+        "s_g_gene_add",
+        dist.Gamma(s_g_gene_add_alpha_e, s_g_gene_add_alpha_e / s_g_gene_add_mean).expand([E, G]).to_event(2),
+    )  # (E, G)
+
+
 def _as_column(value, n: int, name: str) -> torch.Tensor:
     """A scalar or length-n value as an (n, 1) float32 tensor."""
     arr = np.asarray(value, dtype=np.float32)
@@ -181,23 +217,8 @@ class _LocationModelBase(PyroModule):
         with obs_plate:
             a_s = detection_hyp_prior_alpha[batch]  # (B, 1)
             detection_y_s = pyro.sample("detection_y_s", dist.Gamma(a_s, a_s / detection_mean_y_e[batch]))  # (B, 1)
-        hyp = self.gene_add_alpha_hyp_prior
-        s_g_gene_add_alpha_hyp = pyro.sample(
-            "s_g_gene_add_alpha_hyp",
-            dist.Gamma(self._const(hyp["alpha"]), self._const(hyp["beta"])).expand([1, 1]).to_event(2),
-        )  # (1, 1)
-        hyp = self.gene_add_mean_hyp_prior
-        s_g_gene_add_mean = pyro.sample(
-            "s_g_gene_add_mean",
-            dist.Gamma(self._const(hyp["alpha"]), self._const(hyp["beta"])).expand([E, 1]).to_event(2),
-        )  # (E, 1)
-        s_g_gene_add_alpha_e_inv = pyro.sample(
-            "s_g_gene_add_alpha_e_inv", dist.Exponential(s_g_gene_add_alpha_hyp).expand([E, 1]).to_event(2)
-        )  # (E, 1)
-        s_g_gene_add_alpha_e = s_g_gene_add_alpha_e_inv.pow(-2)
-        s_g_gene_add = pyro.sample(
-            "s_g_gene_add",
-            dist.Gamma(s_g_gene_add_alpha_e, s_g_gene_add_alpha_e / s_g_gene_add_mean).expand([E, G]).to_event(2),
+        s_g_gene_add = sample_gene_background(
+            self._const, E, G, self.gene_add_alpha_hyp_prior, self.gene_add_mean_hyp_prior
         )  # (E, G)
         hyp = self.alpha_g_phi_hyp_prior
         alpha_g_phi_hyp = pyro.sample(

@@ -15,6 +15,7 @@ import torch
 from pyro.nn import PyroModule
 
 from ..model._likelihood import CountsPattern, NegativeBinomialCounts
+from ..model._modules import sample_gene_background
 
 _ALPHA_G_PHI_HYP = {"alpha": 9.0, "beta": 3.0}
 _GENE_ADD_ALPHA_HYP = {"alpha": 9.0, "beta": 3.0}
@@ -143,23 +144,8 @@ class RegressionBackgroundDetectionTechPyroModel(PyroModule):
         )  # (E, 1)
 
         # additive background s_eg (free-floating RNA)
-        hyp = self.gene_add_alpha_hyp_prior
-        s_g_gene_add_alpha_hyp = pyro.sample(
-            "s_g_gene_add_alpha_hyp",
-            dist.Gamma(one * self._const(hyp["alpha"]), one * self._const(hyp["beta"])).to_event(2),
-        )  # (1, 1)
-        hyp = self.gene_add_mean_hyp_prior
-        s_g_gene_add_mean = pyro.sample(
-            "s_g_gene_add_mean",
-            dist.Gamma(one * self._const(hyp["alpha"]), one * self._const(hyp["beta"])).expand([E, 1]).to_event(2),
-        )  # (E, 1)
-        s_g_gene_add_alpha_e_inv = pyro.sample(
-            "s_g_gene_add_alpha_e_inv", dist.Exponential(s_g_gene_add_alpha_hyp).expand([E, 1]).to_event(2)
-        )  # (E, 1)
-        s_g_gene_add_alpha_e = s_g_gene_add_alpha_e_inv.pow(-2)
-        s_g_gene_add = pyro.sample(
-            "s_g_gene_add",
-            dist.Gamma(s_g_gene_add_alpha_e, s_g_gene_add_alpha_e / s_g_gene_add_mean).expand([E, G]).to_event(2),
+        s_g_gene_add = sample_gene_background(
+            self._const, E, G, self.gene_add_alpha_hyp_prior, self.gene_add_mean_hyp_prior
         )  # (E, G)
 
         # gene-wise overdispersion
