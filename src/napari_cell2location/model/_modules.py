@@ -8,6 +8,8 @@ The observation plate is at dim -2 and supports subsampling (``idx``) for miniba
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -23,13 +25,52 @@ _GENE_ADD_MEAN_HYP = {"alpha": 1.0, "beta": 100.0}
 _DETECTION_HYP = {"mean_alpha": 10.0}
 
 
-def sample_gene_background(const, n_batch: int, n_vars: int, alpha_hyp: dict, mean_hyp: dict) -> torch.Tensor:
-    """Sample the additive background s_eg (free-floating RNA) of each batch and gene.
+class Site(NamedTuple):
+    """One latent site of a model, as its ``*_sites`` generator yields it: Gamma(concentration, rate).
+
+    ``exponential`` sites are Exponential(rate) (Gamma with concentration 1); ``local`` sites live
+    in the observation plate (their first dimension is the plate's).
+    """
+
+    name: str
+    concentration: torch.Tensor | None
+    rate: torch.Tensor
+    shape: tuple
+    local: bool = False
+    exponential: bool = False
+
+
+def sample_sites(sites, obs_plate=None) -> dict:
+    """Run a ``*_sites`` generator through Pyro: each yielded :class:`Site` becomes a ``pyro.sample``.
+
+    Global sites get ``to_event`` over all their dimensions; local sites are sampled inside
+    ``obs_plate``. Returns what the generator returns.
+    """
+    value = None
+    while True:
+        try:
+            site = sites.send(value)
+        except StopIteration as stop:
+            return stop.value
+        if site.exponential:
+            fn = dist.Exponential(site.rate).expand(site.shape)
+        else:
+            fn = dist.Gamma(site.concentration, site.rate).expand(site.shape)
+        if site.local:
+            with obs_plate:
+                value = pyro.sample(site.name, fn)
+        else:
+            value = pyro.sample(site.name, fn.to_event(len(site.shape)))
+
+
+def gene_background_sites(const, n_batch: int, n_vars: int, alpha_hyp: dict, mean_hyp: dict):
+    """Sites of the additive background s_eg (free-floating RNA) of each batch and gene.
 
     s_g_gene_add_alpha_hyp ~ Gamma(alpha_hyp) (1, 1); s_g_gene_add_mean ~ Gamma(mean_hyp) (E, 1);
     s_g_gene_add_alpha_e_inv ~ Exponential(s_g_gene_add_alpha_hyp) (E, 1);
     s_g_gene_add ~ Gamma(a_e, a_e / s_g_gene_add_mean) (E, G) with a_e = 1 / alpha_e_inv^2.
-    Shared by the spatial models and the reference regression.
+    A generator of :class:`Site` (see :func:`sample_sites`) that returns s_eg; shared by the
+    spatial models and the reference regression.
 
     Parameters
     ----------
@@ -41,22 +82,16 @@ def sample_gene_background(const, n_batch: int, n_vars: int, alpha_hyp: dict, me
         ``alpha`` and ``beta`` of the two hyper-priors.
     """
     E, G = n_batch, n_vars
-    s_g_gene_add_alpha_hyp = pyro.sample(
-        "s_g_gene_add_alpha_hyp",
-        dist.Gamma(const(alpha_hyp["alpha"]), const(alpha_hyp["beta"])).expand([1, 1]).to_event(2),
-    )  # (1, 1)
-    s_g_gene_add_mean = pyro.sample(
-        "s_g_gene_add_mean",
-        dist.Gamma(const(mean_hyp["alpha"]), const(mean_hyp["beta"])).expand([E, 1]).to_event(2),
-    )  # (E, 1)
-    s_g_gene_add_alpha_e_inv = pyro.sample(
-        "s_g_gene_add_alpha_e_inv", dist.Exponential(s_g_gene_add_alpha_hyp).expand([E, 1]).to_event(2)
-    )  # (E, 1)
-    s_g_gene_add_alpha_e = s_g_gene_add_alpha_e_inv.pow(-2)
-    return pyro.sample(
-        "s_g_gene_add",
-        dist.Gamma(s_g_gene_add_alpha_e, s_g_gene_add_alpha_e / s_g_gene_add_mean).expand([E, G]).to_event(2),
-    )  # (E, G)
+    alpha_hyp_value = yield Site("s_g_gene_add_alpha_hyp", const(alpha_hyp["alpha"]), const(alpha_hyp["beta"]), (1, 1))
+    mean = yield Site("s_g_gene_add_mean", const(mean_hyp["alpha"]), const(mean_hyp["beta"]), (E, 1))
+    alpha_e_inv = yield Site("s_g_gene_add_alpha_e_inv", None, alpha_hyp_value, (E, 1), exponential=True)
+    alpha_e = alpha_e_inv.pow(-2)
+    return (yield Site("s_g_gene_add", alpha_e, alpha_e / mean, (E, G)))
+
+
+def sample_gene_background(const, n_batch: int, n_vars: int, alpha_hyp: dict, mean_hyp: dict) -> torch.Tensor:
+    """Sample the additive background s_eg through Pyro (:func:`gene_background_sites`); (E, G)."""
+    return sample_sites(gene_background_sites(const, n_batch, n_vars, alpha_hyp, mean_hyp))
 
 
 def _as_column(value, n: int, name: str) -> torch.Tensor:
@@ -134,6 +169,7 @@ class _LocationModelBase(PyroModule):
         self.skip_likelihood = False
         self.register_buffer("nuclei_counts", None)
         self.nuclei_counts_weight = 1.0
+        self.dropout = None
 
     def set_nuclei_counts(self, counts, weight: float = 100.0) -> None:
         """Observe per-spot nuclei counts around each spot's total cells (ours).
@@ -165,16 +201,6 @@ class _LocationModelBase(PyroModule):
             raise ValueError("nuclei_counts must be finite and non-negative")
         self.nuclei_counts = torch.from_numpy(arr.reshape(-1, 1).copy()).to(self.cell_state.device)
 
-    def _nuclei_likelihood(self, obs_plate, w_sf):
-        if self.nuclei_counts is None or self.skip_likelihood:
-            return
-        with obs_plate as ind, pyro.poutine.scale(scale=self.nuclei_counts_weight):
-            pyro.sample(
-                "nuclei_counts",
-                dist.Poisson(w_sf.sum(-1, keepdim=True), validate_args=False),
-                obs=self.nuclei_counts[ind],
-            )  # (B, 1)
-
     # ------------------------------------------------------------------ helpers
     def _const(self, value) -> torch.Tensor:
         return torch.as_tensor(value, dtype=self.cell_state.dtype, device=self.cell_state.device)
@@ -202,56 +228,147 @@ class _LocationModelBase(PyroModule):
     def _batch(batch_index: torch.Tensor) -> torch.Tensor:
         return batch_index.reshape(-1).long()
 
-    def _detection_and_background(self, obs_plate, batch):
-        """Sample detection efficiency y_s, background s_eg and overdispersion; return them."""
-        E, G = self.n_batch, self.n_vars
-        det_alpha = self.detection_hyp_prior["mean_alpha"]
-        detection_mean_y_e = pyro.sample(
+    @staticmethod
+    def _rows(t: torch.Tensor, ind) -> torch.Tensor:
+        """Rows ``ind`` of a per-observation tensor (all rows when ``ind`` is None)."""
+        return t if ind is None else t[ind]
+
+    @staticmethod
+    def _per_obs(t: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Per-batch rows (E, ...) spread to observations; broadcast (no indexing) when E = 1."""
+        return t if t.shape[0] == 1 else t[batch]
+
+    def _detection_and_background_sites(self, ind, batch):
+        """Sites of detection efficiency y_s, background s_eg and overdispersion; returns them."""
+        E, G, B = self.n_batch, self.n_vars, len(batch)
+        det_alpha = self._const(self.detection_hyp_prior["mean_alpha"])
+        detection_mean_y_e = yield Site(
             "detection_mean_y_e",
-            dist.Gamma(
-                self._const(det_alpha) * torch.ones_like(self.detection_mean),
-                self._const(det_alpha) / self.detection_mean,
-            ).to_event(2),
+            det_alpha * torch.ones_like(self.detection_mean),
+            det_alpha / self.detection_mean,
+            (E, 1),
         )  # (E, 1)
-        detection_hyp_prior_alpha = pyro.deterministic("detection_hyp_prior_alpha", self.detection_alpha)  # (E, 1)
-        with obs_plate:
-            a_s = detection_hyp_prior_alpha[batch]  # (B, 1)
-            detection_y_s = pyro.sample("detection_y_s", dist.Gamma(a_s, a_s / detection_mean_y_e[batch]))  # (B, 1)
-        s_g_gene_add = sample_gene_background(
+        a_s = self._per_obs(self.detection_alpha, batch)  # (B, 1) or (1, 1)
+        detection_y_s = yield Site(
+            "detection_y_s", a_s, a_s / self._per_obs(detection_mean_y_e, batch), (B, 1), local=True
+        )  # (B, 1)
+        s_g_gene_add = yield from gene_background_sites(
             self._const, E, G, self.gene_add_alpha_hyp_prior, self.gene_add_mean_hyp_prior
         )  # (E, G)
         hyp = self.alpha_g_phi_hyp_prior
-        alpha_g_phi_hyp = pyro.sample(
-            "alpha_g_phi_hyp",
-            dist.Gamma(self._const(hyp["alpha"]), self._const(hyp["beta"])).expand([1, 1]).to_event(2),
-        )  # (1, 1)
-        alpha_g_inverse = pyro.sample(
-            "alpha_g_inverse", dist.Exponential(alpha_g_phi_hyp).expand([E, G]).to_event(2)
-        )  # (E, G)
-        return detection_y_s, s_g_gene_add, alpha_g_inverse
+        alpha_g_phi_hyp = yield Site("alpha_g_phi_hyp", self._const(hyp["alpha"]), self._const(hyp["beta"]), (1, 1))
+        alpha_g_inverse = yield Site("alpha_g_inverse", None, alpha_g_phi_hyp, (E, G), exponential=True)  # (E, G)
+        return {"detection_y_s": detection_y_s, "s_g_gene_add": s_g_gene_add, "alpha_g_inverse": alpha_g_inverse}
 
-    def _likelihood(self, obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse):
-        """mu_sg = (m_g * sum_f w_sf g_fg + s_eg) * y_s; D ~ NB(mu, alpha = 1 / alpha_g_inverse^2)."""
-        expected = w_sf @ self.cell_state  # (B, G)
-        if m_g is not None:
-            expected = expected * m_g
+    def _m_g_sites(self):
+        """Sites of the platform effect m_g (1, G) and its hyper-priors (models with m_g); returns m_g."""
+        prior = self.m_g_gene_level_prior
+        r_m, mu_m = self._const(prior["mean_var_ratio"]), self._const(prior["mean"])
+        m_g_mean = yield Site("m_g_mean", mu_m * r_m, r_m, (1, 1))
+        m_g_alpha_e_inv = yield Site(
+            "m_g_alpha_e_inv", None, self._const(prior["alpha_mean"]), (1, 1), exponential=True
+        )
+        m_g_alpha_e = m_g_alpha_e_inv.pow(-2)
+        return (yield Site("m_g", m_g_alpha_e, m_g_alpha_e / m_g_mean, (1, self.n_vars)))
+
+    def _group_sites(self, ind, n_local, groups_name, groups_per_location):
+        """Sites of the group factorisation (models with groups): cells and groups per spot, z_sr, k_r,
+        x_fr, then w_sf; returns w_sf."""
+        R, F = self.n_groups, self.n_factors
+        r_n = self._const(self.N_cells_mean_var_ratio)
+        n_s = yield Site(
+            "n_s_cells_per_location", self._rows(self.N_cells_per_location, ind) * r_n, r_n, (n_local, 1), local=True
+        )  # (B, 1)
+        b_s = yield Site(
+            groups_name, self._const(groups_per_location), self._const(1.0), (n_local, 1), local=True
+        )  # (B, 1)
+        z_sr = yield Site("z_sr_groups_factors", b_s / R, b_s / n_s, (n_local, R), local=True)  # (B, R)
+        k_r = yield Site(
+            "k_r_factors_per_groups",
+            self._const(self.A_factors_per_location / groups_per_location),
+            self._const(1.0),
+            (R, 1),
+        )  # (R, 1)
+        x_fr = yield Site("x_fr_group2fact", k_r / F, k_r, (R, F))  # (R, F)
+        r_w = self._const(self.w_sf_mean_var_ratio)
+        return (yield Site("w_sf", (z_sr @ x_fr) * r_w, r_w, (n_local, F), local=True))  # (B, F)
+
+    def _latent_sites(self, ind, batch):
+        """Generator of the model's latent :class:`Site` in sampling order, sent each value back.
+
+        ``ind``: the observations in this step (None: all, unsubsampled); ``batch``: their batch
+        codes. Returns the values the likelihood needs (``w_sf``, ``m_g`` or None, ``detection_y_s``,
+        ``s_g_gene_add``, ``alpha_g_inverse``). This is the model's one definition: ``forward``
+        runs it through Pyro (:func:`sample_sites`), the fused ELBO (``_elbo.py``) directly.
+        """
+        raise NotImplementedError
+
+    def _mean_and_alpha(self, v: dict, batch):
+        """mu_sg = (m_g * sum_f w_sf g_fg + s_eg) * y_s and alpha_eg = 1 / alpha_g_inverse^2."""
+        expected = v["w_sf"] @ self.cell_state  # (B, G)
+        if v.get("m_g") is not None:
+            expected = expected * v["m_g"]
         obs2batch = None
         if self.n_batch == 1:
-            mu = (expected + s_g_gene_add) * detection_y_s  # (B, G)
+            mu = (expected + v["s_g_gene_add"]) * v["detection_y_s"]  # (B, G)
         else:
             obs2batch = torch.nn.functional.one_hot(batch, self.n_batch).to(expected.dtype)  # (B, E)
-            mu = (expected + obs2batch @ s_g_gene_add) * detection_y_s  # (B, G)
-        alpha = alpha_g_inverse.pow(-2)  # (E, G)
-        if self.skip_likelihood:
-            return mu
+            mu = (expected + obs2batch @ v["s_g_gene_add"]) * v["detection_y_s"]  # (B, G)
+        return mu, v["alpha_g_inverse"].pow(-2), obs2batch
+
+    def _counts_distribution(self, v: dict, x_data, batch) -> NegativeBinomialCounts:
+        mu, alpha, obs2batch = self._mean_and_alpha(v, batch)
         pattern = self._counts_pattern(x_data, batch) if x_data is not None else None
+        return NegativeBinomialCounts(mu, alpha, batch_index=batch, pattern=pattern, obs2batch=obs2batch)
+
+    def _nuclei_distribution(self, w_sf):
+        return dist.Poisson(w_sf.sum(-1, keepdim=True), validate_args=False)  # (B, 1)
+
+    def _likelihood(self, obs_plate, x_data, batch, v: dict):
+        """Observe the counts D ~ NB(mu, alpha) (and the nuclei counts, when set); returns mu."""
+        if self.nuclei_counts is not None and not self.skip_likelihood:
+            with obs_plate as ind, pyro.poutine.scale(scale=self.nuclei_counts_weight):
+                pyro.sample("nuclei_counts", self._nuclei_distribution(v["w_sf"]), obs=self.nuclei_counts[ind])
+        if self.skip_likelihood:
+            return self._mean_and_alpha(v, batch)[0]
+        counts = self._counts_distribution(v, x_data, batch)
         with obs_plate:
-            pyro.sample(
-                "data_target",
-                NegativeBinomialCounts(mu, alpha, batch_index=batch, pattern=pattern, obs2batch=obs2batch),
-                obs=x_data,
-            )  # (B, 1) x (G,)
-        return mu
+            pyro.sample("data_target", counts, obs=x_data)  # (B, 1) x (G,)
+        return counts.mu
+
+    def log_likelihood(self, v: dict, x_data, ind, batch) -> torch.Tensor:
+        """Total log-likelihood of the observations ``ind`` (None: all) given latent values ``v``.
+
+        The same terms as the ``data_target`` (and ``nuclei_counts``) sites of ``forward``,
+        unscaled by the plate.
+        """
+        if self.dropout is not None and self.training:
+            x_data = self.dropout(x_data)
+        total = self._counts_distribution(v, x_data, batch).log_prob(x_data).sum()
+        if self.nuclei_counts is not None:
+            counts = self._rows(self.nuclei_counts, ind)
+            total = total + self.nuclei_counts_weight * self._nuclei_distribution(v["w_sf"]).log_prob(counts).sum()
+        return total
+
+    def _run(self, x_data, idx, batch_index):
+        """``forward``'s body: the latent sites and the likelihood through Pyro; returns (values, mu)."""
+        batch = self._batch(batch_index)  # (B,)
+        obs_plate = self.create_plates(x_data, idx, batch_index)
+        if self.dropout is not None and x_data is not None and self.training:
+            x_data = self.dropout(x_data)
+        with obs_plate as ind:
+            pass  # the plate fixes its subsample when made: ind is the same inside every later `with`
+        v = sample_sites(self._latent_sites(ind, batch), obs_plate)
+        pyro.deterministic("detection_hyp_prior_alpha", self.detection_alpha)  # (E, 1)
+        mu = self._likelihood(obs_plate, x_data, batch, v)
+        with obs_plate:
+            m_g = v.get("m_g")
+            total_per_type = self.cell_state.sum(-1) if m_g is None else (m_g * self.cell_state).sum(-1)
+            pyro.deterministic("u_sf_mRNA_factors", v["w_sf"] * total_per_type)  # (B, F)
+        return v, mu
+
+    def forward(self, x_data, idx, batch_index):
+        return self._run(x_data, idx, batch_index)[1]
 
     # ------------------------------------------------------------------ posterior helpers
     def _expected_terms(self, samples: dict, batch: np.ndarray):
@@ -450,50 +567,11 @@ class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGen
         }
         return out
 
-    def forward(self, x_data, idx, batch_index):
-        batch = self._batch(batch_index)  # (B,)
-        G, R, F = self.n_vars, self.n_groups, self.n_factors
-        obs_plate = self.create_plates(x_data, idx, batch_index)
-        if self.dropout is not None and x_data is not None and self.training:
-            x_data = self.dropout(x_data)
-
-        # platform effect m_g
-        prior = self.m_g_gene_level_prior
-        r_m, mu_m = self._const(prior["mean_var_ratio"]), self._const(prior["mean"])
-        m_g_mean = pyro.sample("m_g_mean", dist.Gamma(mu_m * r_m, r_m).expand([1, 1]).to_event(2))  # (1, 1)
-        m_g_alpha_e_inv = pyro.sample(
-            "m_g_alpha_e_inv", dist.Exponential(self._const(prior["alpha_mean"])).expand([1, 1]).to_event(2)
-        )  # (1, 1)
-        m_g_alpha_e = m_g_alpha_e_inv.pow(-2)
-        m_g = pyro.sample("m_g", dist.Gamma(m_g_alpha_e, m_g_alpha_e / m_g_mean).expand([1, G]).to_event(2))  # (1, G)
-
-        # cell abundance hierarchy: cells per spot, groups per spot, group loadings
-        r_n = self._const(self.N_cells_mean_var_ratio)
-        with obs_plate as ind:
-            n_s = pyro.sample("n_s_cells_per_location", dist.Gamma(self.N_cells_per_location[ind] * r_n, r_n))  # (B, 1)
-            b_s = pyro.sample(
-                "b_s_groups_per_location",
-                dist.Gamma(self._const(self.B_groups_per_location), self._const(1.0)).expand([len(ind), 1]),
-            )  # (B, 1)
-            z_sr = pyro.sample("z_sr_groups_factors", dist.Gamma(b_s / R, b_s / n_s).expand([len(ind), R]))  # (B, R)
-        k_r = pyro.sample(
-            "k_r_factors_per_groups",
-            dist.Gamma(self._const(self.A_factors_per_location / self.B_groups_per_location), self._const(1.0))
-            .expand([R, 1])
-            .to_event(2),
-        )  # (R, 1)
-        x_fr = pyro.sample("x_fr_group2fact", dist.Gamma(k_r / F, k_r).expand([R, F]).to_event(2))  # (R, F)
-        r_w = self._const(self.w_sf_mean_var_ratio)
-        with obs_plate:
-            w_sf_mu = z_sr @ x_fr  # (B, F)
-            w_sf = pyro.sample("w_sf", dist.Gamma(w_sf_mu * r_w, r_w))  # (B, F)
-
-        self._nuclei_likelihood(obs_plate, w_sf)
-        detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
-        mu = self._likelihood(obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse)
-        with obs_plate:
-            pyro.deterministic("u_sf_mRNA_factors", w_sf * (m_g * self.cell_state).sum(-1))  # (B, F)
-        return mu
+    def _latent_sites(self, ind, batch):
+        m_g = yield from self._m_g_sites()  # (1, G)
+        w_sf = yield from self._group_sites(ind, len(batch), "b_s_groups_per_location", self.B_groups_per_location)
+        rest = yield from self._detection_and_background_sites(ind, batch)
+        return {"w_sf": w_sf, "m_g": m_g, **rest}
 
 
 class LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel(_LocationModelBase):
@@ -550,36 +628,18 @@ class LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel(
         out["sites"] = {"w_sf": self.n_factors, "detection_y_s": 1}
         return out
 
-    def forward(self, x_data, idx, batch_index):
-        batch = self._batch(batch_index)
-        G, F = self.n_vars, self.n_factors
-        obs_plate = self.create_plates(x_data, idx, batch_index)
-
-        prior = self.m_g_gene_level_prior
-        r_m, mu_m = self._const(prior["mean_var_ratio"]), self._const(prior["mean"])
-        m_g_mean = pyro.sample("m_g_mean", dist.Gamma(mu_m * r_m, r_m).expand([1, 1]).to_event(2))  # (1, 1)
-        m_g_alpha_e_inv = pyro.sample(
-            "m_g_alpha_e_inv", dist.Exponential(self._const(prior["alpha_mean"])).expand([1, 1]).to_event(2)
-        )  # (1, 1)
-        m_g_alpha_e = m_g_alpha_e_inv.pow(-2)
-        m_g = pyro.sample("m_g", dist.Gamma(m_g_alpha_e, m_g_alpha_e / m_g_mean).expand([1, G]).to_event(2))  # (1, G)
-
+    def _latent_sites(self, ind, batch):
+        F, B = self.n_factors, len(batch)
+        m_g = yield from self._m_g_sites()  # (1, G)
         N = self.N_cells_per_location[0, 0]
         r_n = self._const(self.N_cells_mean_var_ratio)
-        n_cells = pyro.sample("n_cells_per_location", dist.Gamma(N * r_n, r_n).expand([1, 1]).to_event(2))  # (1, 1)
-        a_factors = pyro.sample(
-            "a_factors_per_location",
-            dist.Gamma(self._const(self.A_factors_per_location), self._const(1.0)).expand([1, 1]).to_event(2),
+        n_cells = yield Site("n_cells_per_location", N * r_n, r_n, (1, 1))  # (1, 1)
+        a_factors = yield Site(
+            "a_factors_per_location", self._const(self.A_factors_per_location), self._const(1.0), (1, 1)
         )  # (1, 1)
-        with obs_plate as ind:
-            w_sf = pyro.sample("w_sf", dist.Gamma(a_factors / F, a_factors / n_cells).expand([len(ind), F]))  # (B, F)
-
-        self._nuclei_likelihood(obs_plate, w_sf)
-        detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
-        mu = self._likelihood(obs_plate, x_data, batch, w_sf, m_g, detection_y_s, s_g_gene_add, alpha_g_inverse)
-        with obs_plate:
-            pyro.deterministic("u_sf_mRNA_factors", w_sf * (m_g * self.cell_state).sum(-1))  # (B, F)
-        return mu
+        w_sf = yield Site("w_sf", a_factors / F, a_factors / n_cells, (B, F), local=True)  # (B, F)
+        rest = yield from self._detection_and_background_sites(ind, batch)
+        return {"w_sf": w_sf, "m_g": m_g, **rest}
 
 
 class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel(_LocationModelBase):
@@ -640,36 +700,10 @@ class LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoM
         }
         return out
 
-    def forward(self, x_data, idx, batch_index):
-        batch = self._batch(batch_index)
-        R, F = self.n_groups, self.n_factors
-        obs_plate = self.create_plates(x_data, idx, batch_index)
-
-        r_n = self._const(self.N_cells_mean_var_ratio)
-        with obs_plate as ind:
-            n_s = pyro.sample("n_s_cells_per_location", dist.Gamma(self.N_cells_per_location[ind] * r_n, r_n))  # (B, 1)
-            y_s = pyro.sample(
-                "y_s_groups_per_location",
-                dist.Gamma(self._const(self.Y_groups_per_location), self._const(1.0)).expand([len(ind), 1]),
-            )  # (B, 1)
-            z_sr = pyro.sample("z_sr_groups_factors", dist.Gamma(y_s / R, y_s / n_s).expand([len(ind), R]))  # (B, R)
-        k_r = pyro.sample(
-            "k_r_factors_per_groups",
-            dist.Gamma(self._const(self.A_factors_per_location / self.Y_groups_per_location), self._const(1.0))
-            .expand([R, 1])
-            .to_event(2),
-        )  # (R, 1)
-        x_fr = pyro.sample("x_fr_group2fact", dist.Gamma(k_r / F, k_r).expand([R, F]).to_event(2))  # (R, F)
-        r_w = self._const(self.w_sf_mean_var_ratio)
-        with obs_plate:
-            w_sf = pyro.sample("w_sf", dist.Gamma(z_sr @ x_fr * r_w, r_w))  # (B, F)
-
-        self._nuclei_likelihood(obs_plate, w_sf)
-        detection_y_s, s_g_gene_add, alpha_g_inverse = self._detection_and_background(obs_plate, batch)
-        mu = self._likelihood(obs_plate, x_data, batch, w_sf, None, detection_y_s, s_g_gene_add, alpha_g_inverse)
-        with obs_plate:
-            pyro.deterministic("u_sf_mRNA_factors", w_sf * self.cell_state.sum(-1))  # (B, F)
-        return mu
+    def _latent_sites(self, ind, batch):
+        w_sf = yield from self._group_sites(ind, len(batch), "y_s_groups_per_location", self.Y_groups_per_location)
+        rest = yield from self._detection_and_background_sites(ind, batch)
+        return {"w_sf": w_sf, "m_g": None, **rest}
 
 
 #: short readable aliases

@@ -121,6 +121,7 @@ def svi_steps(
     scale_elbo: float = 1.0,
     stopper=None,
     nan_hint: str = "normalised or non-integer counts",
+    loss_fn: Callable | None = None,
 ) -> Iterator[TrainStep]:
     """Optimise ``guide`` for ``module``, yielding after every step.
 
@@ -144,12 +145,20 @@ def svi_steps(
         ``stopper.update(epoch_loss) -> bool``: stop when True.
     nan_hint : str
         Likely causes named when the loss becomes NaN.
+    loss_fn : callable, optional
+        ``loss_fn(*args)`` -> the loss (negative ELBO) of one step, computed without Pyro (e.g.
+        :class:`~napari_cell2location.model._elbo.MeanFieldELBO`); default: Pyro's ``Trace_ELBO``.
 
     Yields
     ------
     TrainStep
     """
-    elbo = Trace_ELBO(num_particles=int(num_particles))
+    if loss_fn is None:
+        elbo = Trace_ELBO(num_particles=int(num_particles))
+
+        def loss_fn(*args):
+            return elbo.differentiable_loss(module, guide, *args)
+
     optim = Adam(list(guide.parameters()), lr=lr)
     total = int(max_epochs) * int(steps_per_epoch)
     start_epoch = len(history)
@@ -161,7 +170,7 @@ def svi_steps(
             epoch_losses = []
             for args in batches(epoch):
                 with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
-                    loss = elbo.differentiable_loss(module, guide, *args) * scale_elbo
+                    loss = loss_fn(*args) * scale_elbo
                 optim.zero_grad()
                 loss.backward()
                 optim.step()

@@ -1,0 +1,113 @@
+"""The mean-field ELBO of a spatial model and its AutoNormal guide, computed without Pyro's tracing.
+
+Pyro's ``Trace_ELBO`` runs the model and guide through effect handlers at every step: a trace
+of every site, distribution objects, plate broadcasting, a Delta site per latent. On a section-
+sized data set that bookkeeping costs more than the arithmetic. Here the same quantity is computed
+directly, for the fixed structure these models have:
+
+* every latent site is Gamma(a, b) (Exponential(b) = Gamma(1, b)) on the positive reals, and
+  AutoNormal's guide is u ~ Normal(loc, softplus(raw_scale)), z = exp(u);
+* so with u = loc + scale * eps, one site contributes
+  ``log p(z) + log|dz/du| - log N(u; loc, scale)``
+  ``= a log b + a u - b e^u - lgamma(a) + log scale + eps^2 / 2 + log(2 pi) / 2``;
+* observation-plate sites and the likelihood are scaled by n_obs / batch size, global sites
+  are not; this is what ``Trace_ELBO`` gives, as a single-sample estimate (``num_particles``
+  averaged).
+
+The sites come from the module's ``_latent_sites`` generator, the same definition its Pyro
+``forward`` runs, and the likelihood from ``module.log_likelihood``; tests compare value and
+gradients with ``Trace_ELBO`` for the same draws.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class MeanFieldELBO:
+    """Negative ELBO of ``module`` under an AutoNormal ``guide``; call it with the model's arguments.
+
+    Parameters
+    ----------
+    module : _LocationModelBase
+        A spatial model (has ``_latent_sites`` and ``log_likelihood``).
+    guide : pyro.infer.autoguide.AutoNormal
+        Its guide, already set up (``prototype_trace`` present).
+    num_particles : int
+        Draws averaged per step.
+    """
+
+    def __init__(self, module, guide, num_particles: int = 1):
+        if guide.prototype_trace is None:
+            raise RuntimeError("set the guide up before building its ELBO")
+        self.module = module
+        self.guide = guide
+        self.num_particles = int(num_particles)
+
+    def _loc_and_raw_scale(self, name):
+        """The guide's loc and unconstrained scale of a site (plain leaf tensors, no transforms)."""
+        locs, scales = self.guide.locs, self.guide.scales
+        return locs._parameters[name + "_unconstrained"], scales._parameters[name + "_unconstrained"]
+
+    def __call__(self, x_data, idx, batch_index, unconstrained: dict | None = None) -> torch.Tensor:
+        """The loss (negative ELBO) of one step.
+
+        Parameters
+        ----------
+        x_data, idx, batch_index
+            The model's arguments (``idx`` None: all observations, no subsampling).
+        unconstrained : dict, optional
+            Site name -> unconstrained draw u to use instead of fresh noise (for tests that
+            compare with Pyro on the same draw); needs ``num_particles`` 1.
+        """
+        total = 0.0
+        for _ in range(self.num_particles):
+            total = total + self._elbo(x_data, idx, batch_index, unconstrained)
+        return -total / self.num_particles
+
+    def _elbo(self, x_data, idx, batch_index, unconstrained):
+        module = self.module
+        batch = module._batch(batch_index)
+        n_local = len(batch)
+        plate_scale = module.n_obs / n_local
+        sites = module._latent_sites(idx, batch)
+        local_sum, global_sum = 0.0, 0.0
+        value = None
+        while True:
+            try:
+                site = sites.send(value)
+            except StopIteration as stop:
+                values = stop.value
+                break
+            loc, raw = self._loc_and_raw_scale(site.name)
+            if site.local and idx is not None:
+                loc, raw = loc[idx], raw[idx]
+            scale = torch.nn.functional.softplus(raw)
+            if unconstrained is None:
+                eps = torch.randn_like(loc)
+            else:
+                eps = ((unconstrained[site.name] - loc) / scale).detach()
+            u = loc + scale * eps
+            value = torch.exp(u)
+            rate = site.rate
+            if site.exponential:  # Gamma(1, b): a log b - lgamma(a) = log b
+                terms = torch.log(rate) + u - rate * value
+            else:
+                a = site.concentration
+                terms = a * torch.log(rate) - torch.lgamma(a) + a * u - rate * value
+            terms = terms + torch.log(scale) + 0.5 * eps.square()  # - log q(u), less log(2 pi) / 2
+            site_sum = terms.sum() + _HALF_LOG_2PI * u.numel()
+            if site.local:
+                local_sum = local_sum + site_sum
+            else:
+                global_sum = global_sum + site_sum
+        if module.skip_likelihood or x_data is None:
+            raise ValueError("the ELBO needs the counts")
+        with pyro.validation_enabled(False):
+            loglik = module.log_likelihood(values, x_data, idx, batch)
+        return global_sum + plate_scale * (local_sum + loglik)
