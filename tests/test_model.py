@@ -467,3 +467,21 @@ def test_sparse_validation_names_the_offending_entry(tiny, fmt):
     adata.X = sparse.csr_matrix(X).asformat(fmt)
     with pytest.raises(InputError, match=r"'spot_3', gene 'gene_2'"):
         Cell2location(adata, sig)
+
+
+@pytest.mark.parametrize("value,match", [(2.5, "2 non-integer"), (-1.0, "2 negative"), (np.nan, "2 NaN")])
+def test_validation_in_chunks_counts_and_locates_across_chunks(tiny, monkeypatch, value, match):
+    """Counts are checked a chunk of entries at a time; the message still counts every bad entry
+    and names the first one, wherever the chunk boundaries fall."""
+    from scipy import sparse
+
+    from napari_cell2location.io import _validate
+
+    monkeypatch.setattr(_validate, "_CHECK_CHUNK", 7)
+    adata, sig, _ = tiny
+    X = adata.X.toarray() + 1.0  # every entry stored
+    X[40, 5] = value
+    X[55, 70] = value
+    adata.X = sparse.csr_matrix(X)
+    with pytest.raises(InputError, match=rf"{match}.*'spot_40', gene 'gene_5'"):
+        Cell2location(adata, sig)

@@ -25,6 +25,10 @@ class InputError(ValueError):
     """Bad input to the model: the message says what is wrong and how to fix it."""
 
 
+#: entries checked at a time by :func:`validate_counts` (bounds its temporaries to ~100 MB)
+_CHECK_CHUNK = 1 << 24
+
+
 def _preview(values, n: int = 5) -> str:
     values = list(values)
     shown = ", ".join(repr(str(v)) for v in values[:n])
@@ -97,26 +101,37 @@ def validate_counts(X, obs_names=None, var_names=None, what: str = "adata.X") ->
         var = var_names[c] if var_names is not None else c
         return f"(observation {obs!r}, gene {var!r})"
 
-    bad = np.flatnonzero(~np.isfinite(data)) if np.issubdtype(data.dtype, np.floating) else np.array([], int)
-    if bad.size:
-        raise InputError(
-            f"{what} contains {bad.size} NaN or infinite values, first at {where(bad[0])}. "
-            "Cell2location needs raw counts: fill or remove the missing values, or use the raw count matrix."
-        )
-    bad = np.flatnonzero(data < 0)
-    if bad.size:
-        raise InputError(
-            f"{what} contains {bad.size} negative values (e.g. {data[bad[0]]:g} at {where(bad[0])}); "
-            "this looks like scaled or log-normalised data. Pass the raw UMI counts (e.g. layer='counts')."
-        )
-    if np.issubdtype(data.dtype, np.floating):
-        frac = np.flatnonzero(data != np.round(data))
-        if frac.size:
+    floating = np.issubdtype(data.dtype, np.floating)
+    for start in range(0, data.size, _CHECK_CHUNK):  # in chunks: temporaries stay small on large data
+        chunk = data[start : start + _CHECK_CHUNK]
+        bad = np.flatnonzero(~np.isfinite(chunk)) if floating else np.array([], int)
+        if bad.size:
+            n_bad = sum(int(np.count_nonzero(~np.isfinite(c))) for c in _chunks(data))
             raise InputError(
-                f"{what} contains {frac.size} non-integer values (e.g. {data[frac[0]]:g} at {where(frac[0])}); "
-                "cell2location models raw UMI counts, not normalised data. Pass the raw count matrix "
-                "(adata.raw, or a layer such as layer='counts')."
+                f"{what} contains {n_bad} NaN or infinite values, first at {where(start + bad[0])}. "
+                "Cell2location needs raw counts: fill or remove the missing values, or use the raw count matrix."
             )
+        bad = np.flatnonzero(chunk < 0)
+        if bad.size:
+            n_bad = sum(int(np.count_nonzero(c < 0)) for c in _chunks(data))
+            raise InputError(
+                f"{what} contains {n_bad} negative values (e.g. {chunk[bad[0]]:g} at {where(start + bad[0])}); "
+                "this looks like scaled or log-normalised data. Pass the raw UMI counts (e.g. layer='counts')."
+            )
+        if floating:
+            frac = np.flatnonzero(chunk != np.round(chunk))
+            if frac.size:
+                n_frac = sum(int(np.count_nonzero(c != np.round(c))) for c in _chunks(data))
+                raise InputError(
+                    f"{what} contains {n_frac} non-integer values (e.g. {chunk[frac[0]]:g} at "
+                    f"{where(start + frac[0])}); cell2location models raw UMI counts, not normalised data. "
+                    "Pass the raw count matrix (adata.raw, or a layer such as layer='counts')."
+                )
+
+
+def _chunks(data: np.ndarray):
+    for start in range(0, data.size, _CHECK_CHUNK):
+        yield data[start : start + _CHECK_CHUNK]
 
 
 def validate_signatures(cell_state_df) -> pd.DataFrame:
