@@ -5,13 +5,58 @@ updates that maximise the Poisson likelihood (KL-divergence NMF with the signatu
 a flat per-spot background ``b_s`` soaks up counts no signature explains). Abundances in cells are
 ``a_sf / detection_mean``. All spots are updated at once, in chunks of spots so memory stays
 bounded on large data. A few hundred updates take well under a second at 600 x 1,000.
+
+The update needs the fitted values only where a count is non-zero (x / fit is zero elsewhere),
+so sparse input below :data:`SPARSE_BELOW` density is updated on its non-zero entries alone
+(a sampled matrix product, then a sparse one): measured 3.3x faster per update than dense at
+10 % non-zero, 4,096 spots x 2,000 genes x 16.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from scipy import sparse
+
+#: sparse chunks with fewer non-zero entries than this fraction are updated on the non-zeros alone
+SPARSE_BELOW = 0.25
+
+
+def _dense_update(x: torch.Tensor, g_aug: torch.Tensor):
+    """One multiplicative update a -> a * ((x / (a g)) g^T) / sum_g g, dense counts (n, G)."""
+    denom = g_aug.sum(1)
+
+    def update(a):
+        ratio = x / (a @ g_aug).clamp_min(1e-8)  # (n, G)
+        return a * (ratio @ g_aug.T) / denom
+
+    return update
+
+
+def _sparse_update(xc: sparse.csr_matrix, g_aug: torch.Tensor):
+    """The same update computed on the non-zero counts of a CSR chunk only."""
+    dev = g_aug.device
+    denom = g_aug.sum(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "sparse CSR support is in beta"
+        x = torch.sparse_csr_tensor(
+            torch.as_tensor(xc.indptr.astype(np.int64), device=dev),
+            torch.as_tensor(xc.indices.astype(np.int64), device=dev),
+            torch.as_tensor(xc.data.astype(np.float32), device=dev),
+            size=xc.shape,
+        )
+    values = x.values()
+
+    def update(a):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            fit = torch.sparse.sampled_addmm(x, a, g_aug, beta=0.0).values().clamp_min(1e-8)  # (nnz,)
+            ratio = torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values / fit, size=x.shape)
+            return a * (ratio @ g_aug.T) / denom
+
+    return update
 
 
 @torch.no_grad()
@@ -66,14 +111,19 @@ def nnls_abundance(
     for start in range(0, n_obs, chunk_size):
         stop = min(start + chunk_size, n_obs)
         xc = X[start:stop]
-        xc = xc.toarray() if sparse.issparse(xc) else np.asarray(xc)
-        x = torch.as_tensor(np.ascontiguousarray(xc, dtype=np.float32), device=dev)  # (n, G)
-        totals = x.sum(1, keepdim=True)
+        if sparse.issparse(xc) and xc.nnz < SPARSE_BELOW * xc.shape[0] * xc.shape[1]:
+            xc = sparse.csr_matrix(xc)
+            update = _sparse_update(xc, g_aug)
+            totals = torch.as_tensor(np.asarray(xc.sum(axis=1), dtype=np.float32).reshape(-1, 1), device=dev)
+        else:
+            xc = xc.toarray() if sparse.issparse(xc) else np.asarray(xc)
+            x = torch.as_tensor(np.ascontiguousarray(xc, dtype=np.float32), device=dev)  # (n, G)
+            update = _dense_update(x, g_aug)
+            totals = x.sum(1, keepdim=True)
         a = (totals / denom.sum()).expand(-1, n_factors + 1).clone()  # flat start
         a[:, -1] *= 0.1
         for it in range(int(n_iter)):
-            ratio = x / (a @ g_aug).clamp_min(1e-8)  # (n, G)
-            new = a * (ratio @ g_aug.T) / denom
+            new = update(a)
             if it % 10 == 9 and ((new - a).abs().sum() / a.abs().sum().clamp_min(1e-12)) < tol:
                 a = new
                 break  # converged: large data need not pay for every update
