@@ -56,6 +56,132 @@ class _DenseNBTerms(torch.autograd.Function):
         return grad_mu, grad_alpha, None
 
 
+#: elements of the (rows, genes) temporaries :func:`nb_log_likelihood` works on at a time
+FUSED_CHUNK_ELEMENTS = 1 << 23
+#: up to this many count entries, the forward's intermediates are kept for backward (faster);
+#: above, backward recomputes them chunk by chunk (memory stays a few chunks, whatever the data)
+FUSED_KEEP_ELEMENTS = 1 << 24
+
+
+def _fused_chunk(w, m, s_add, y, alpha, g, ob):
+    """One row chunk's expected (n, G), inner = expected * m + s (n, G), mu, alpha rows, log(alpha + mu)."""
+    expected = w @ g  # (n, G)
+    s_rows = s_add if ob is None else ob @ s_add  # (n or 1, G)
+    a_rows = alpha if ob is None else ob @ alpha  # (n or 1, G)
+    inner = torch.addcmul(s_rows, expected, m) if m is not None else expected + s_rows
+    mu = inner * y  # (n, G)
+    return expected, inner, mu, a_rows, torch.log(a_rows + mu)
+
+
+class _FusedNBTerms(torch.autograd.Function):
+    """sum_g [x log mu - (alpha + x) log(alpha + mu)] over all observations, with
+    mu = (m_g * (w g) + s_e(s)) * y_s formed inside, a chunk of rows at a time.
+
+    On large data backward recomputes each chunk instead of keeping (n_obs, n_vars)
+    intermediates, so memory beyond the counts is a few chunk-sized temporaries
+    (:data:`FUSED_CHUNK_ELEMENTS`), whatever the number of observations. The gradients are
+    written out (d/dmu = x / mu - (alpha + x) / (alpha + mu), d/dalpha = -log(alpha + mu) -
+    (alpha + x) / (alpha + mu)) and chained by hand.
+    """
+
+    @staticmethod
+    def forward(ctx, w, m, s_add, y, alpha, g, x, obs2batch):
+        n_obs, n_vars = x.shape
+        rows = max(1, FUSED_CHUNK_ELEMENTS // max(n_vars, 1))
+        keep = [] if x.numel() <= FUSED_KEEP_ELEMENTS else None
+        total = x.new_zeros(())
+        for r0 in range(0, n_obs, rows):
+            r = slice(r0, r0 + rows)
+            ob = None if obs2batch is None else obs2batch[r]
+            chunk = _fused_chunk(w[r], m, s_add, y[r], alpha, g, ob)
+            _, _, mu, a_rows, log_a_mu = chunk
+            xr = x[r]
+            total = total + (xr * torch.log(mu) - (a_rows + xr) * log_a_mu).sum()
+            if keep is not None:
+                keep.append(chunk)
+        ctx.save_for_backward(w, m, s_add, y, alpha, g, x, obs2batch)
+        ctx.rows, ctx.keep = rows, keep
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w, m, s_add, y, alpha, g, x, obs2batch = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_w = torch.empty_like(w) if need[0] else None
+        grad_m = torch.zeros_like(m) if (m is not None and need[1]) else None
+        grad_s = torch.zeros_like(s_add) if need[2] else None
+        grad_y = torch.empty_like(y) if need[3] else None
+        grad_alpha = torch.zeros_like(alpha) if need[4] else None
+
+        def to_rows_of(per_obs, ob):
+            """Sum per-observation (n, G) gradients into (1, G) or per-batch (E, G) rows."""
+            return per_obs.sum(0, keepdim=True) if ob is None else ob.T @ per_obs
+
+        for i, r0 in enumerate(range(0, x.shape[0], ctx.rows)):
+            r = slice(r0, r0 + ctx.rows)
+            ob = None if obs2batch is None else obs2batch[r]
+            xr = x[r]
+            if ctx.keep is not None:
+                expected, inner, mu, a_rows, log_a_mu = ctx.keep[i]
+            else:
+                expected, inner, mu, a_rows, log_a_mu = _fused_chunk(w[r], m, s_add, y[r], alpha, g, ob)
+            ratio = (a_rows + xr) / (a_rows + mu)  # (n, G)
+            if grad_alpha is not None:
+                grad_alpha -= to_rows_of(log_a_mu + ratio, ob)
+            d_mu = xr / mu - ratio  # (n, G); times grad_out at the end
+            if grad_y is not None:
+                grad_y[r] = (d_mu * inner).sum(-1, keepdim=True)
+            d_inner = d_mu * y[r]  # (n, G)
+            if grad_s is not None:
+                grad_s += to_rows_of(d_inner, ob)
+            if grad_m is not None:
+                grad_m += (d_inner * expected).sum(0, keepdim=True)
+            if grad_w is not None:
+                grad_w[r] = (d_inner * m if m is not None else d_inner) @ g.T
+        ctx.keep = None
+        grads = [grad_w, grad_m, grad_s, grad_y, grad_alpha]
+        grads = [None if t is None else t * grad_out for t in grads]
+        return (*grads, None, None, None)
+
+
+def nb_log_likelihood(w, m, s_add, y, alpha, g, x, batch, pattern: CountsPattern) -> torch.Tensor:
+    """Total NB log-likelihood of counts x (n_obs, n_vars) with mu = (m_g * (w g) + s_eg) * y_s.
+
+    The same value as ``NegativeBinomialCounts(mu, alpha, ...).log_prob(x).sum()`` with mu formed
+    first, but mu is never stored: the mean and its terms are computed a chunk of rows at a time
+    (:class:`_FusedNBTerms`), and the data-only and per-(batch, gene) terms come from ``pattern``.
+
+    Parameters
+    ----------
+    w : torch.Tensor
+        (n_obs, F) abundances.
+    m : torch.Tensor or None
+        (1, n_vars) platform effect (None: none).
+    s_add, alpha : torch.Tensor
+        (E, n_vars) additive background and inverse dispersion per batch.
+    y : torch.Tensor
+        (n_obs, 1) detection efficiency.
+    g : torch.Tensor
+        (F, n_vars) signatures.
+    x : torch.Tensor
+        (n_obs, n_vars) dense counts.
+    batch : torch.Tensor
+        (n_obs,) batch of each observation.
+    pattern : CountsPattern
+        Data terms of ``x`` (with ``batch``).
+    """
+    n_batch = alpha.shape[0]
+    obs2batch = None
+    if n_batch > 1:
+        obs2batch = torch.nn.functional.one_hot(batch, n_batch).to(x.dtype)  # (n_obs, E)
+        per_batch = obs2batch.sum(0)  # observations of each batch
+    else:
+        per_batch = x.new_full((1,), float(x.shape[0]))
+    total = _FusedNBTerms.apply(w, m, s_add, y, alpha, g, x, obs2batch)
+    total = total + (per_batch * (alpha * torch.log(alpha)).sum(-1)).sum() - pattern.lgamma_x_plus_1.sum()
+    return total + pattern.lgamma_total(alpha)
+
+
 class CountsPattern:
     """Data-only parts of the likelihood of one count matrix.
 
@@ -97,6 +223,19 @@ class CountsPattern:
             self.group_batch = torch.div(eg, n_vars, rounding_mode="floor")  # (n_groups,)
             self.group_col = eg - self.group_batch * n_vars  # (n_groups,)
             self.group_count = counts.to(x.dtype)  # (n_groups,)
+        else:
+            batch = None if batch_index is None else batch_index.reshape(-1).long()
+            self.nz_batch = None if batch is None else batch[self.row]  # (nnz,)
+
+    def lgamma_total(self, alpha: torch.Tensor) -> torch.Tensor:
+        """sum over non-zero counts of lgamma(x + alpha) - lgamma(alpha), alpha (E, n_vars) or (1, n_vars)."""
+        if self.grouped:
+            rows = self.group_batch if alpha.shape[0] > 1 else torch.zeros_like(self.group_batch)
+            a = alpha[rows, self.group_col]
+            return (self.group_count * (torch.lgamma(self.group_value + a) - torch.lgamma(a))).sum()
+        rows = self.nz_batch if (alpha.shape[0] > 1 and self.nz_batch is not None) else torch.zeros_like(self.col)
+        a = alpha[rows, self.col]
+        return (torch.lgamma(self.values + a) - torch.lgamma(a)).sum()
 
 
 class NegativeBinomialCounts(TorchDistribution):

@@ -16,7 +16,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from ._likelihood import CountsPattern, NegativeBinomialCounts
+from ._likelihood import CountsPattern, NegativeBinomialCounts, nb_log_likelihood
 
 _M_G_PRIOR = {"alpha_mean": 3.0, "mean": 1.0, "mean_var_ratio": 1.0}
 _ALPHA_G_PHI_HYP = {"alpha": 9.0, "beta": 3.0}
@@ -344,7 +344,17 @@ class _LocationModelBase(PyroModule):
         """
         if self.dropout is not None and self.training:
             x_data = self.dropout(x_data)
-        total = self._counts_distribution(v, x_data, batch).log_prob(x_data).sum()
+        total = nb_log_likelihood(
+            v["w_sf"],
+            v.get("m_g"),
+            v["s_g_gene_add"],
+            v["detection_y_s"],
+            v["alpha_g_inverse"].pow(-2),
+            self.cell_state,
+            x_data,
+            batch,
+            self._counts_pattern(x_data, batch),
+        )  # mu never formed whole: chunks of rows, recomputed in backward
         if self.nuclei_counts is not None:
             counts = self._rows(self.nuclei_counts, ind)
             total = total + self.nuclei_counts_weight * self._nuclei_distribution(v["w_sf"]).log_prob(counts).sum()
