@@ -503,3 +503,24 @@ def test_nnls_start_on_sparse_counts_matches_dense(tiny):
     sparse_start = _init.nnls_abundance(Xs, sig.to_numpy(), **kw)
     np.testing.assert_allclose(sparse_start, dense, rtol=2e-3, atol=2e-3)
     assert dense.max() > 1.0  # not all at the floor
+
+
+def test_default_learning_rate_follows_the_mode(tiny, monkeypatch):
+    """train(max_epochs=None) without lr runs at AUTO_LR; an explicit max_epochs at the original's 0.002."""
+    from napari_cell2location.model import _cell2location, _training
+
+    seen = []
+
+    class Recording(_training.Adam):
+        def __init__(self, params, lr=1e-3, **kw):
+            seen.append(lr)
+            super().__init__(params, lr=lr, **kw)
+
+    monkeypatch.setattr(_training, "Adam", Recording)
+    adata, sig, _ = tiny
+    mod = Cell2location(adata, sig)
+    stopper = _cell2location.ConvergenceStopper(window=2, rtol=0.5, min_epochs=2)
+    mod.train(max_epochs=None, progress_bar=False, device="cpu", early_stopping=stopper)
+    mod.train(max_epochs=2, progress_bar=False, device="cpu")
+    mod.train(max_epochs=2, lr=0.05, progress_bar=False, device="cpu")
+    assert seen == [_cell2location.AUTO_LR, 0.002, 0.05]
