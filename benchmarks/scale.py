@@ -99,6 +99,7 @@ def one_size(args) -> dict:
     rss_data = _rss_mb()
     with PeakRSS() as fit_rss:
         mod = Cell2location(adata, sig, N_cells_per_location=3.0)
+        mod.pyro_elbo = args.pyro_elbo
         t = time.perf_counter()
         steps = 0
         batch_size = None if args.full else args.batch_size
@@ -142,6 +143,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--full", action="store_true", help="full-data training (one step per epoch)")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:n]'")
+    p.add_argument("--pyro-elbo", action="store_true", help="train through Pyro's Trace_ELBO (the reference path)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one is not None:
@@ -154,7 +156,8 @@ def main():
             print(f"device {args.device!r} asked for but CUDA is not available here: nothing to measure")
             return
     mode = "full-data training" if args.full else f"minibatch training, batch {args.batch_size}"
-    print(f"{mode}, {args.genes} genes, {args.types} types, {args.threads} threads, device {args.device}")
+    elbo = "Pyro Trace_ELBO" if args.pyro_elbo else "fused ELBO"
+    print(f"{mode}, {args.genes} genes, {args.types} types, {args.threads} threads, device {args.device}, {elbo}")
     print(
         f"{'spots':>8} {'nnz %':>6} {'s/epoch':>9} {'s/step':>7} {'export s':>9} {'data MB':>8} "
         f"{'fit peak MB':>11} {'fit - data':>10} {'params MB':>9} {'process peak MB':>15} {'GPU peak MB':>11}"
@@ -178,6 +181,7 @@ def main():
             "--device",
             args.device,
             *(["--full"] if args.full else []),
+            *(["--pyro-elbo"] if args.pyro_elbo else []),
         ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:

@@ -150,3 +150,24 @@ def test_fused_elbo_equals_trace_elbo_when_recomputing_in_chunks(tiny, monkeypat
     monkeypatch.setattr(_likelihood, "FUSED_CHUNK_ELEMENTS", 800)  # 80 genes: 10 rows a chunk
     monkeypatch.setattr(_likelihood, "FUSED_KEEP_ELEMENTS", 0)
     test_fused_elbo_equals_trace_elbo(tiny, Cell2locationModule, True, False)
+
+
+def test_counts_pattern_grouped_in_chunks_matches_one_pass(monkeypatch):
+    """Grouping (batch, gene, count) a few rows at a time and merging gives the same groups, and
+    the fused likelihood's pattern (no per-entry arrays) the same lgamma total as the per-entry sum."""
+    from napari_cell2location.model import _likelihood
+
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.negative_binomial(2, 0.4, size=(11, 13)), dtype=torch.float32)
+    batch = torch.tensor(rng.integers(0, 3, 11))
+    alpha = torch.tensor(rng.gamma(5, 1, size=(3, 13)), dtype=torch.float32)
+    one_pass = _likelihood.CountsPattern(x, batch, grouped=True)
+    monkeypatch.setattr(_likelihood, "FUSED_CHUNK_ELEMENTS", 30)  # 2 rows a chunk
+    chunked = _likelihood.CountsPattern(x, batch, grouped=True, entries=False)
+    per_entry = _likelihood.CountsPattern(x, batch)  # not grouped: one term per non-zero entry
+    assert not hasattr(chunked, "flat_idx") and chunked.nnz == per_entry.nnz == int((x > 0).sum())
+    for name in ("group_value", "group_batch", "group_col", "group_count", "lgamma_x_plus_1"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(one_pass, name))
+    assert int(chunked.group_count.sum()) == chunked.nnz
+    torch.testing.assert_close(chunked.lgamma_total(alpha), per_entry.lgamma_total(alpha))
+    torch.testing.assert_close(chunked.lgamma_x_plus_1, torch.lgamma(x + 1).sum(-1))

@@ -524,3 +524,12 @@ def test_default_learning_rate_follows_the_mode(tiny, monkeypatch):
     mod.train(max_epochs=2, progress_bar=False, device="cpu")
     mod.train(max_epochs=2, lr=0.05, progress_bar=False, device="cpu")
     assert seen == [_cell2location.AUTO_LR, 0.002, 0.05]
+
+
+def test_guide_set_up_keeps_nothing_the_size_of_the_counts(tiny):
+    """The guide's prototype trace lives as long as the model: no (spots, genes) tensor in it."""
+    adata, sig, _ = tiny
+    mod = fitted(adata, sig, steps=1)
+    nodes = mod.guide.prototype_trace.nodes.items()
+    sizes = {n: s["value"].numel() for n, s in nodes if torch.is_tensor(s.get("value"))}
+    assert sizes and max(sizes.values()) < mod.n_obs * mod.n_vars, sizes

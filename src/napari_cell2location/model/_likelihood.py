@@ -195,37 +195,57 @@ class CountsPattern:
         Also find the distinct (batch, gene, count) triples of the non-zero entries, so that
         :class:`NegativeBinomialCounts` evaluates the lgamma terms once per triple. Then the
         per-observation split of that term is not kept (only its total, which is what an ELBO
-        with a uniformly scaled plate needs).
+        with a uniformly scaled plate needs). Found a chunk of rows at a time.
+    entries : bool
+        Keep the per-entry arrays of the non-zero counts (``flat_idx``, ``values``, ``row``,
+        ``col``: 28 bytes per non-zero), which :class:`NegativeBinomialCounts` and the ungrouped
+        :meth:`lgamma_total` need. The fused likelihood with ``grouped`` does without them, which
+        on large full-data fits saves more memory than the count matrix itself takes.
     """
 
-    def __init__(self, x: torch.Tensor, batch_index: torch.Tensor | None = None, grouped: bool = False):
+    def __init__(
+        self, x: torch.Tensor, batch_index: torch.Tensor | None = None, grouped: bool = False, entries: bool = True
+    ):
         n_obs, n_vars = x.shape
-        flat = x.reshape(-1)
         self.shape = (n_obs, n_vars)
-        self.flat_idx = torch.nonzero(flat, as_tuple=True)[0]  # (nnz,)
-        self.values = flat[self.flat_idx]  # (nnz,)
-        self.row = torch.div(self.flat_idx, n_vars, rounding_mode="floor")  # (nnz,)
-        self.col = self.flat_idx - self.row * n_vars  # (nnz,)
-        lgamma_x1 = torch.zeros(n_obs, dtype=x.dtype, device=x.device)
-        lgamma_x1.index_add_(0, self.row, torch.lgamma(self.values + 1))
-        self.lgamma_x_plus_1 = lgamma_x1  # (n_obs,)
-        #: above ~30% non-zero, x log mu is cheaper as one dense pass than gather + scatter
-        self.dense_x_log_mu = self.values.numel() > 0.3 * n_obs * n_vars
         self.grouped = bool(grouped)
-        if self.grouped:
-            batch = torch.zeros(n_obs, dtype=torch.long, device=x.device) if batch_index is None else batch_index
-            batch = batch.reshape(-1).long()
-            vmax = int(self.values.max().item()) + 1 if self.values.numel() else 1
-            key = (batch[self.row] * n_vars + self.col) * vmax + self.values.long()  # (nnz,)
-            uniq, counts = torch.unique(key, return_counts=True)
-            self.group_value = (uniq % vmax).to(x.dtype)  # (n_groups,)
-            eg = torch.div(uniq, vmax, rounding_mode="floor")
+        self.entries = bool(entries) or not self.grouped
+        batch = None if batch_index is None else batch_index.reshape(-1).long()
+        rows = max(1, FUSED_CHUNK_ELEMENTS // max(n_vars, 1))
+        lgamma_x1, nnz, uniq, counts = [], 0, [], []
+        vmax = int(x.max().item()) + 1 if x.numel() else 1
+        for r0 in range(0, n_obs, rows):
+            xc = x[r0 : r0 + rows]
+            lgamma_x1.append(torch.lgamma(xc + 1).sum(-1))  # zero where x = 0
+            row, col = torch.nonzero(xc, as_tuple=True)
+            nnz += row.numel()
+            if self.grouped:
+                b = 0 if batch is None else batch[r0 : r0 + rows][row]
+                key = (b * n_vars + col) * vmax + xc[row, col].long()  # (nnz in chunk,)
+                u, c = torch.unique(key, return_counts=True)
+                uniq.append(u)
+                counts.append(c)
+        self.lgamma_x_plus_1 = torch.cat(lgamma_x1) if lgamma_x1 else x.new_zeros(0)  # (n_obs,)
+        self.nnz = nnz
+        #: above ~30% non-zero, x log mu is cheaper as one dense pass than gather + scatter
+        self.dense_x_log_mu = nnz > 0.3 * n_obs * n_vars
+        if self.entries:
+            flat = x.reshape(-1)
+            self.flat_idx = torch.nonzero(flat, as_tuple=True)[0]  # (nnz,)
+            self.values = flat[self.flat_idx]  # (nnz,)
+            self.row = torch.div(self.flat_idx, n_vars, rounding_mode="floor")  # (nnz,)
+            self.col = self.flat_idx - self.row * n_vars  # (nnz,)
+            self.nz_batch = None if batch is None else batch[self.row]  # (nnz,)
+        if self.grouped:  # merge the chunks' distinct triples, adding their counts
+            keys = torch.cat(uniq) if uniq else torch.zeros(0, dtype=torch.long, device=x.device)
+            cnt = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long, device=x.device)
+            key, inverse = torch.unique(keys, return_inverse=True)
+            total = torch.zeros(key.shape, dtype=cnt.dtype, device=x.device).index_add_(0, inverse, cnt)
+            self.group_value = (key % vmax).to(x.dtype)  # (n_groups,)
+            eg = torch.div(key, vmax, rounding_mode="floor")
             self.group_batch = torch.div(eg, n_vars, rounding_mode="floor")  # (n_groups,)
             self.group_col = eg - self.group_batch * n_vars  # (n_groups,)
-            self.group_count = counts.to(x.dtype)  # (n_groups,)
-        else:
-            batch = None if batch_index is None else batch_index.reshape(-1).long()
-            self.nz_batch = None if batch is None else batch[self.row]  # (nnz,)
+            self.group_count = total.to(x.dtype)  # (n_groups,)
 
     def lgamma_total(self, alpha: torch.Tensor) -> torch.Tensor:
         """sum over non-zero counts of lgamma(x + alpha) - lgamma(alpha), alpha (E, n_vars) or (1, n_vars)."""

@@ -165,7 +165,9 @@ class _LocationModelBase(PyroModule):
         self.register_buffer("detection_alpha", _as_column(detection_alpha, self.n_batch, "detection_alpha"))
         self._pattern_key = None
         self._pattern = None
-        #: when True, forward() leaves out the likelihood (used to set up the guide without data)
+        #: when True, forward() leaves out the likelihood and returns None (used to set up the guide
+        #: without data: the guide's prototype trace keeps the return value, which must not be a
+        #: (spots, genes) mean)
         self.skip_likelihood = False
         self.register_buffer("nuclei_counts", None)
         self.nuclei_counts_weight = 1.0
@@ -205,14 +207,15 @@ class _LocationModelBase(PyroModule):
     def _const(self, value) -> torch.Tensor:
         return torch.as_tensor(value, dtype=self.cell_state.dtype, device=self.cell_state.device)
 
-    def _counts_pattern(self, x_data: torch.Tensor, batch: torch.Tensor) -> CountsPattern:
+    def _counts_pattern(self, x_data: torch.Tensor, batch: torch.Tensor, entries: bool = True) -> CountsPattern:
         """Data-only likelihood terms, cached while the same count tensor is passed (full-data training).
 
-        With all spots at once the lgamma terms are grouped by distinct (batch, gene, count).
+        With all spots at once the lgamma terms are grouped by distinct (batch, gene, count);
+        ``entries=False`` (the fused likelihood) leaves out the per-entry arrays there.
         """
         key = (x_data.data_ptr(), tuple(x_data.shape), x_data._version, x_data.device, batch.data_ptr())
-        if key != self._pattern_key:
-            self._pattern = CountsPattern(x_data, batch, grouped=x_data.shape[0] == self.n_obs)
+        if key != self._pattern_key or (entries and not self._pattern.entries):
+            self._pattern = CountsPattern(x_data, batch, grouped=x_data.shape[0] == self.n_obs, entries=entries)
             self._pattern_key = key
         return self._pattern
 
@@ -325,12 +328,13 @@ class _LocationModelBase(PyroModule):
         return dist.Poisson(w_sf.sum(-1, keepdim=True), validate_args=False)  # (B, 1)
 
     def _likelihood(self, obs_plate, x_data, batch, v: dict):
-        """Observe the counts D ~ NB(mu, alpha) (and the nuclei counts, when set); returns mu."""
+        """Observe the counts D ~ NB(mu, alpha) (and the nuclei counts, when set); returns mu
+        (None with ``skip_likelihood``)."""
         if self.nuclei_counts is not None and not self.skip_likelihood:
             with obs_plate as ind, pyro.poutine.scale(scale=self.nuclei_counts_weight):
                 pyro.sample("nuclei_counts", self._nuclei_distribution(v["w_sf"]), obs=self.nuclei_counts[ind])
         if self.skip_likelihood:
-            return self._mean_and_alpha(v, batch)[0]
+            return None
         counts = self._counts_distribution(v, x_data, batch)
         with obs_plate:
             pyro.sample("data_target", counts, obs=x_data)  # (B, 1) x (G,)
@@ -353,7 +357,7 @@ class _LocationModelBase(PyroModule):
             self.cell_state,
             x_data,
             batch,
-            self._counts_pattern(x_data, batch),
+            self._counts_pattern(x_data, batch, entries=False),
         )  # mu never formed whole: chunks of rows, recomputed in backward
         if self.nuclei_counts is not None:
             counts = self._rows(self.nuclei_counts, ind)
