@@ -4,6 +4,12 @@ Site names, shapes, priors and defaults are the original cell2location 0.1.5's, 
 posterior dictionaries line up. Gamma(a, b) is shape a, rate b. S spots (``n_obs``), G genes
 (``n_vars``), F cell types (``n_factors``), R groups (``n_groups``), E batches (``n_batch``).
 The observation plate is at dim -2 and supports subsampling (``idx``) for minibatches.
+
+Each model's latent sites are written once, as a generator (``_latent_sites``) that yields a
+:class:`Site` (name, Gamma parameters, shape, plate) and is sent back the value: ``forward`` runs
+it through Pyro (:func:`sample_sites`), so Pyro's guides, traces and ``Trace_ELBO`` see the usual
+model, and training runs it through the fused ELBO (``_elbo.py``), which gives the same loss and
+gradients without Pyro's per-step bookkeeping.
 """
 
 from __future__ import annotations
