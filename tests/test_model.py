@@ -321,7 +321,15 @@ def test_save_load_round_trip(tiny, tmp_path):
     mod.save(tmp_path / "model")
     with pytest.raises(FileExistsError):
         mod.save(tmp_path / "model")
+    from napari_cell2location.model._cell2location import SETUP_KEY
+
+    setup_before = dict(adata.uns[SETUP_KEY])
     loaded = Cell2location.load(tmp_path / "model", adata)
+    assert dict(adata.uns[SETUP_KEY]) == setup_before  # the user's set-up is left as it was
+    bare = adata.copy()
+    del bare.uns[SETUP_KEY]
+    Cell2location.load(tmp_path / "model", bare)
+    assert SETUP_KEY not in bare.uns
     for k, v in mod.guide.state_dict().items():  # no training step ran on load
         torch.testing.assert_close(loaded.guide.state_dict()[k], v, rtol=0, atol=0)
     q2 = loaded.posterior_quantile(0.05)

@@ -10,12 +10,10 @@ between steps; :meth:`Cell2location.train` simply consumes it.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import time
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,13 +24,14 @@ from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 from scipy import sparse
 
 from ..io._validate import MIN_SHARED_GENES, InputError, prepare_inputs
+from ._base import GuideOwner, temporary_uns
 from ._elbo import MeanFieldELBO
 from ._modules import (
     LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
     LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel,
     LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
 )
-from ._posterior import GuideSummary, parse_quantile, sorted_quantile
+from ._posterior import parse_quantile, sorted_quantile
 from ._training import Adam, TrainStep, consume, epoch_batches, svi_steps  # noqa: F401 (Adam, TrainStep re-exported)
 
 logger = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def _json_ready(value):
     return value
 
 
-class Cell2location:
+class Cell2location(GuideOwner):
     """Cell2location: estimate the absolute abundance of reference cell types in each spot.
 
     Parameters
@@ -491,9 +490,8 @@ class Cell2location:
         batches = epoch_batches(
             self.n_obs, batch_size, lambda ind: self._batch_args(ind, dev), self._full_args(dev) if full else None, seed
         )
-        n_before = len(self._history)
-        try:
-            yield from svi_steps(
+        yield from self._guarded_training(
+            svi_steps(
                 self.module,
                 self.guide,
                 batches,
@@ -507,14 +505,7 @@ class Cell2location:
                 nan_hint="normalised or non-integer counts, broken signatures",
                 loss_fn=None if self.pyro_elbo else MeanFieldELBO(self.module, self.guide, num_particles),
             )
-        finally:
-            self.is_trained_ = self.is_trained_ or len(self._history) > n_before
-            self._summary = None
-
-    @property
-    def history_(self) -> dict:
-        """``{'elbo_train': DataFrame}``: the training loss (negative ELBO) of each epoch."""
-        return {"elbo_train": pd.DataFrame({"elbo_train": np.asarray(self._history, dtype=float)})}
+        )
 
     def train(
         self,
@@ -549,14 +540,6 @@ class Cell2location:
         return self
 
     # ------------------------------------------------------------------ posterior
-    def _guide_summary(self) -> GuideSummary:
-        if self.guide.prototype_trace is None:
-            raise RuntimeError("the model has not been trained yet: call train() first")
-        if self._summary is None:
-            obs = set(self.module.list_obs_plate_vars()["sites"])
-            self._summary = GuideSummary(self.guide, obs)
-        return self._summary
-
     def _spot_batches(self, batch_size: int | None):
         size = self.n_obs if batch_size is None else max(1, int(batch_size))
         for i in range(0, self.n_obs, size):
@@ -782,12 +765,6 @@ class Cell2location:
         return self._summaries_from_guide(["means"])["post_sample_means"]
 
     # ------------------------------------------------------------------ plots
-    def plot_history(self, iter_start: int = 0, iter_end: int = -1, ax=None):
-        """Plot the training loss; returns the matplotlib Axes."""
-        from ..plotting import plot_history
-
-        return plot_history(self.history_, iter_start=iter_start, iter_end=iter_end, ax=ax)
-
     def plot_QC(self, summary_name: str = "means", use_n_obs: int = 1000, fig=None):
         """Reconstruction QC: observed vs expected counts (2D histogram) and loss history.
 
@@ -825,14 +802,6 @@ class Cell2location:
         save_anndata : bool
             Also write the training AnnData as ``adata.h5ad``.
         """
-        path = Path(dir_path)
-        if (path / "attr.json").exists() and not overwrite:
-            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
-        if self.guide.prototype_trace is None:
-            raise RuntimeError("nothing to save: the model has not been trained")
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.guide.state_dict().items()}
-        torch.save({"guide": state}, path / "model_params.pt")
         attrs = {
             "model_class": self.model_class.__name__,
             "model_kwargs": _json_ready(
@@ -848,11 +817,9 @@ class Cell2location:
             "batch_key": self.batch_key,
             "obs_names": list(self.obs_names),
             "factor_names": self.factor_names_,
-            "history": list(self._history),
         }
+        path = self._write_saved(dir_path, overwrite, attrs)
         self.cell_state_df.to_csv(path / "cell_state_df.csv")
-        with open(path / "attr.json", "w") as fh:
-            json.dump(attrs, fh)
         if save_anndata:
             self.adata.write_h5ad(path / "adata.h5ad")
         logger.info("saved model to %s", path)
@@ -874,11 +841,7 @@ class Cell2location:
         -------
         Cell2location
         """
-        path = Path(dir_path)
-        if not (path / "attr.json").exists():
-            raise FileNotFoundError(f"{path} does not hold a saved Cell2location model (no attr.json)")
-        with open(path / "attr.json") as fh:
-            attrs = json.load(fh)
+        path, attrs = cls._read_saved(dir_path)
         if adata is None:
             if not (path / "adata.h5ad").exists():
                 raise InputError(f"pass adata: {path} has no saved AnnData")
@@ -895,10 +858,8 @@ class Cell2location:
             kwargs["N_cells_per_location"] = np.asarray(kwargs["N_cells_per_location"])
         if isinstance(kwargs.get("detection_mean"), list):
             kwargs["detection_mean"] = np.asarray(kwargs["detection_mean"])
-        had_setup = SETUP_KEY in adata.uns
-        old_setup = adata.uns.get(SETUP_KEY)
-        adata.uns[SETUP_KEY] = {k: attrs[k] for k in ("layer", "batch_key") if attrs.get(k) is not None}
-        try:
+        setup = {k: attrs[k] for k in ("layer", "batch_key") if attrs.get(k) is not None}
+        with temporary_uns(adata, SETUP_KEY, setup):
             obj = cls(
                 adata,
                 cell_state_df,
@@ -909,18 +870,9 @@ class Cell2location:
                 nuclei_counts_weight=attrs.get("nuclei_counts_weight", 100.0),
                 **kwargs,
             )
-        finally:
-            if had_setup:
-                adata.uns[SETUP_KEY] = old_setup
-            else:
-                del adata.uns[SETUP_KEY]
         if list(obj.var_names) != list(cell_state_df.index):
             raise InputError("adata's genes do not match the saved model's genes")
-        obj._ensure_guide(resolve_device(device))
-        state = torch.load(path / "model_params.pt", map_location=obj.device, weights_only=True)
-        obj.guide.load_state_dict(state["guide"])
-        obj._history = [float(v) for v in attrs["history"]]
-        obj.is_trained_ = True
+        obj._restore_guide(path, attrs, resolve_device(device))
         return obj
 
     def __repr__(self) -> str:

@@ -9,11 +9,9 @@ yielding a :class:`~napari_cell2location.model.TrainStep` per optimisation step;
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,8 +21,9 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 
 from ..io._validate import InputError
+from ..model._base import GuideOwner, temporary_uns
 from ..model._cell2location import _describe, _to_numpy, resolve_device
-from ..model._posterior import GuideSummary, parse_quantile
+from ..model._posterior import parse_quantile
 from ..model._training import consume, epoch_batches, svi_steps
 from ._module import RegressionBackgroundDetectionTechPyroModel
 from ._signatures import cluster_averages
@@ -43,7 +42,7 @@ def default_max_epochs(n_cells: int) -> int:
     return int(max(1, min(round(20000 / max(int(n_cells), 1) * 400), 400)))
 
 
-class RegressionModel:
+class RegressionModel(GuideOwner):
     """Estimate reference cell-type signatures with a negative binomial regression (``spec/MODEL.md`` §4).
 
     Each cell's counts are modelled as NB with mean
@@ -73,6 +72,8 @@ class RegressionModel:
     samples : dict
         Posterior summaries after :meth:`export_posterior`.
     """
+
+    PARAMS_FILE = "model.pt"  # name kept from earlier saves
 
     def __init__(self, adata, min_cells_per_label: int = MIN_CELLS_PER_LABEL, **model_kwargs):
         setup = dict(adata.uns.get(SETUP_KEY, {})) if hasattr(adata, "uns") else {}
@@ -295,9 +296,8 @@ class RegressionModel:
         batches = epoch_batches(
             self.n_obs, batch_size, lambda ind: self._args(ind, dev), self._args(None, dev) if full else None, seed
         )
-        n_before = len(self._history)
-        try:
-            yield from svi_steps(
+        yield from self._guarded_training(
+            svi_steps(
                 self.module,
                 self.guide,
                 batches,
@@ -307,14 +307,7 @@ class RegressionModel:
                 self._history,
                 num_particles=num_particles,
             )
-        finally:
-            self.is_trained_ = self.is_trained_ or len(self._history) > n_before
-            self._summary = None
-
-    @property
-    def history_(self) -> dict:
-        """``{'elbo_train': DataFrame}``: the training loss (negative ELBO) of each epoch."""
-        return {"elbo_train": pd.DataFrame({"elbo_train": np.asarray(self._history, dtype=float)})}
+        )
 
     def train(
         self,
@@ -347,13 +340,6 @@ class RegressionModel:
         return self
 
     # ------------------------------------------------------------------ posterior
-    def _guide_summary(self) -> GuideSummary:
-        if self.guide.prototype_trace is None:
-            raise RuntimeError("the model has not been trained yet: call train() first")
-        if self._summary is None:
-            self._summary = GuideSummary(self.guide, set())
-        return self._summary
-
     def posterior_quantile(self, q: float = 0.5, use_median: bool = False, exclude_vars: list | None = None) -> dict:
         """Quantile ``q`` of every latent site, exactly from the guide (no sampling).
 
@@ -581,12 +567,6 @@ class RegressionModel:
             _to_numpy(self.module.tech_offsets),
         )
 
-    def plot_history(self, iter_start: int = 0, iter_end: int = -1, ax=None):
-        """Plot the training loss; returns the matplotlib Axes."""
-        from ..plotting import plot_history
-
-        return plot_history(self.history_, iter_start=iter_start, iter_end=iter_end, ax=ax)
-
     def plot_QC(self, summary_name: str = "means", use_n_obs: int = 1000, fig=None):
         """QC figure: reconstruction (observed vs expected counts), signatures vs cluster averages, loss.
 
@@ -620,13 +600,6 @@ class RegressionModel:
     # ------------------------------------------------------------------ persistence
     def save(self, dir_path, overwrite: bool = False):
         """Save guide parameters, settings and history to ``dir_path`` (re-load with :meth:`load`)."""
-        path = Path(dir_path)
-        if (path / "attr.json").exists() and not overwrite:
-            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
-        if self.guide.prototype_trace is None:
-            raise RuntimeError("nothing to save: the model has not been trained")
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save({"guide": {k: v.detach().cpu() for k, v in self.guide.state_dict().items()}}, path / "model.pt")
         attrs = {
             "setup": {
                 "layer": self.layer,
@@ -637,37 +610,21 @@ class RegressionModel:
             "model_kwargs": self.model_kwargs,
             "factor_names": self.factor_names_,
             "var_names": list(self.var_names),
-            "history": list(self._history),
         }
-        with open(path / "attr.json", "w") as fh:
-            json.dump(attrs, fh)
+        self._write_saved(dir_path, overwrite, attrs)
 
     @classmethod
     def load(cls, dir_path, adata, device: str = "cpu"):
         """Load a model saved with :meth:`save` for the same reference ``adata``; no training step is run."""
-        path = Path(dir_path)
-        if not (path / "attr.json").exists():
-            raise FileNotFoundError(f"{path} does not hold a saved RegressionModel (no attr.json)")
-        with open(path / "attr.json") as fh:
-            attrs = json.load(fh)
+        path, attrs = cls._read_saved(dir_path)
         if list(pd.Index(adata.var_names.astype(str))) != attrs["var_names"]:
             raise InputError("adata's genes differ from those the model was trained on")
-        old = adata.uns.get(SETUP_KEY)
-        cls.setup_anndata(adata, **attrs["setup"])
-        try:
+        with temporary_uns(adata, SETUP_KEY, None):
+            cls.setup_anndata(adata, **attrs["setup"])
             obj = cls(adata, **attrs["model_kwargs"])
-        finally:
-            if old is None:
-                del adata.uns[SETUP_KEY]
-            else:
-                adata.uns[SETUP_KEY] = old
         if obj.factor_names_ != attrs["factor_names"]:
             raise InputError("adata's labels differ from those the model was trained on")
-        obj._ensure_guide(resolve_device(device))
-        state = torch.load(path / "model.pt", map_location=obj.device, weights_only=True)
-        obj.guide.load_state_dict(state["guide"])
-        obj._history = [float(v) for v in attrs["history"]]
-        obj.is_trained_ = True
+        obj._restore_guide(path, attrs, resolve_device(device))
         return obj
 
     def __repr__(self) -> str:
