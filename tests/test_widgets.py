@@ -312,3 +312,44 @@ def test_fit_job_observes_per_spot_counts_from_histology():
     settings["N_cells_per_location"] = 5.0
     _, mod = next(fit_job(adata, sig, settings))
     assert mod.module.nuclei_counts is None
+
+
+def test_load_saved_model_shows_results_and_qc(setup, qtbot, tmp_path):
+    """A fit saved headless (CLI --save-model, the demo's model/) is loaded for the same spots and
+    shown as a fresh fit would be; a wrong folder or other spots give a notification, nothing else."""
+    from napari_cell2location import Cell2location
+
+    viewer, dock = setup
+    ctx = dock.session.context()
+    assert dock.fit.load_button.enabled
+    ad = ctx.adata.copy()
+    Cell2location.setup_anndata(ad, batch_key="batch")
+    mod = Cell2location(ad, dock.session.signatures)
+    mod.train(max_epochs=5, lr=0.01, progress_bar=False, device="cpu", seed=0)
+    mod.save(tmp_path / "model")
+    mod.export_posterior(ad, use_quantiles=True, add_to_obsm=["q05"])
+
+    n = len(notification_manager.records)
+    assert dock.fit.load(path=tmp_path) is None  # no attr.json there
+    assert any("not a saved model folder" in m for m in _notifications_since(n))
+    assert "cell abundance" not in viewer.layers
+
+    assert dock.fit.load(path=tmp_path / "model") is not None
+    _wait_fit(qtbot, dock.fit)
+    assert dock.fit.status.value.startswith("loaded"), dock.fit.status.value
+    results = viewer.layers["cell abundance"]
+    got = results.features[feature_name("q05", "Type_01")].to_numpy()
+    np.testing.assert_allclose(got, ad.obsm["q05_cell_abundance_w_sf"].iloc[:, 1].to_numpy(), rtol=1e-5)
+    assert "reconstruction_r" in results.features and dock.fit.save_button.enabled
+    assert dock.qc.color_by("reconstruction_r")  # Spot QC works on a loaded model
+
+    other = _fresh(synthetic_section_layers(n_spots=N_SPOTS + 5, n_genes=N_GENES, n_cell_types=N_TYPES, seed=2))
+    added = _add(viewer, other)
+    from napari.layers import Points
+
+    dock.data.spots.value = next(layer for layer in added if isinstance(layer, Points))
+    n = len(notification_manager.records)
+    dock.fit.load(path=tmp_path / "model")
+    _wait_fit(qtbot, dock.fit)
+    assert any("spots differ" in m for m in _notifications_since(n)), _notifications_since(n)
+    assert dock.fit.status.value.startswith("failed")

@@ -60,6 +60,22 @@ def fit_job(adata, signatures, settings: dict):
     return mod, model_qc(mod)
 
 
+def load_job(adata, path, device: str = "cpu"):
+    """Generator run in the worker: load a fit saved with ``Cell2location.save`` (the CLI's
+    ``--save-model``, the demo's ``model/``) for these spots, export its posterior and QC.
+
+    Yields ``('model', mod)`` and ``('exporting', None)``; returns ``(mod, qc)`` as :func:`fit_job`.
+    """
+    from .._layers import STATS, model_qc
+    from ..model import Cell2location
+
+    mod = Cell2location.load(path, adata, device=device)
+    yield ("model", mod)
+    yield ("exporting", None)
+    mod.export_posterior(adata, add_to_obsm=list(STATS), use_quantiles=True, sample_kwargs={"batch_size": 2000})
+    return mod, model_qc(mod)
+
+
 def _devices() -> tuple[list[str], str]:
     import torch
 
@@ -114,17 +130,21 @@ class FitWidget(Container):
         self.plot = MplCanvas(height=2.0)
         self.save_path = FileEdit(label="save to", mode="w", filter="Results (*.zarr *.h5ad)")
         self.save_button = PushButton(text="Save results", enabled=False)
+        self.load_path = FileEdit(label="saved model", mode="d")
+        self.load_path.tooltip = "a folder written by Cell2location.save (CLI --save-model, the demo's model/)"
+        self.load_button = PushButton(text="Load fitted model", enabled=False)
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
         self.extend(
             [
                 self.model, self.n_cells, self.n_cells_note, self.detection_alpha, self.epochs, self.lr,
                 self.batch_size, self.device, self.device_note, buttons, self.progress, self.status,
-                self.plot, self.save_path, self.save_button,
+                self.plot, self.save_path, self.save_button, self.load_path, self.load_button,
             ]
         )  # fmt: skip
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.save_button.changed.connect(self.save)
+        self.load_button.changed.connect(self.load)
         self.n_cells.changed.connect(self._scalar_n_cells)
         self.session.data_changed.connect(self._update_run_state)
         self._update_run_state()
@@ -176,8 +196,10 @@ class FitWidget(Container):
         return self.worker is not None
 
     def _update_run_state(self, keep_status: bool = False):
-        ready = self.session.context() is not None and self.session.signatures is not None
+        has_spots = self.session.context() is not None
+        ready = has_spots and self.session.signatures is not None
         self.run_button.enabled = ready and not self.running
+        self.load_button.enabled = has_spots and not self.running
         if not self.running and not keep_status:
             self.status.value = "ready" if ready else "choose spots and a reference in Data"
 
@@ -212,10 +234,37 @@ class FitWidget(Container):
             on_yielded=self._on_yield,
             on_returned=self._on_returned,
         )
+        self._job = "fit"
+        self._start()
+        return self.worker
+
+    def _start(self):
         self.run_button.enabled = False
+        self.load_button.enabled = False
         self.cancel_button.enabled = True
         self.save_button.enabled = False
         self.worker.start()
+
+    def load(self, _value=None, path=None):
+        """Load a saved fit of the chosen spots in a worker and show it as a fresh fit would be shown."""
+        if self.running:
+            return None
+        ctx = self.session.context()
+        if ctx is None:
+            show_error("Choose the spots layer the model was fitted on in the Data tab first.")
+            return None
+        path = Path(path if path is not None else self.load_path.value)
+        if not (path / "attr.json").is_file():
+            show_error(f"{path} is not a saved model folder (no attr.json); pick the folder Cell2location.save wrote.")
+            return None
+        self.losses = []
+        self._t0 = time.perf_counter()
+        self.progress.max, self.progress.value = 1, 0
+        self.status.value = f"loading {path.name}..."
+        self._fit_layer = self.session.spots_layer
+        start_worker(self, load_job, ctx.adata, path, on_yielded=self._on_yield, on_returned=self._on_returned)
+        self._job = "load"
+        self._start()
         return self.worker
 
     def cancel(self, _value=None):
@@ -268,15 +317,18 @@ class FitWidget(Container):
         self.draw_history(mod.history_["elbo_train"].to_numpy().ravel())
         self.progress.value = self.progress.max  # fast mode may stop before its step limit
         elapsed = time.perf_counter() - self._t0
-        self.status.value = f"done in {fmt_time(elapsed)}: {mod.n_factors} cell types over {mod.n_obs} spots"
+        what = "loaded" if getattr(self, "_job", "fit") == "load" else "done"
+        self.status.value = f"{what} in {fmt_time(elapsed)}: {mod.n_factors} cell types over {mod.n_obs} spots"
         self.save_button.enabled = True
         self.session.fitted.emit(mod)
-        show_info(f"Cell2location fit finished in {fmt_time(elapsed)}; see the '{results.name}' layer.")
+        what = "model loaded" if what == "loaded" else "fit finished"
+        show_info(f"Cell2location {what} in {fmt_time(elapsed)}; see the '{results.name}' layer.")
 
     def _on_error(self, err):
         logger.exception("fit failed", exc_info=err)
         self.status.value = f"failed: {err}"
-        show_error(f"Cell2location fit failed: {err}")
+        what = "loading the model" if getattr(self, "_job", "fit") == "load" else "fit"
+        show_error(f"Cell2location {what} failed: {err}")
 
     def _on_aborted(self):
         self.status.value = f"cancelled after {len(self.losses)} steps; nothing exported"
