@@ -123,9 +123,16 @@ def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_pat
     assert results.metadata["shown"] == ("q95", tuple(types[:3]))
     assert "Type_02" in res.legend.value
 
-    # hover: the status shows the spot's values
-    status = results.get_status(results.data[0], world=True)
-    assert "q05 Type_00" in str(status)
+    # hover: the status shows the spot's barcode, what is coloured and a few QC values, not every feature
+    status = str(results.get_status(results.data[0], world=True)["coordinates"])
+    for part in ("barcode: spot_", "q95 Type_00", "q95 Type_02", "total_cells", "reconstruction_r"):
+        assert part in status, status
+    assert "q05 Type_00" not in status and "means Type_03" not in status
+    res.show(types[1], "q05")
+    status = str(results.get_status(results.data[0], world=True)["coordinates"])
+    assert "q05 Type_01" in status and "q95 Type_00" not in status
+    tip = results._get_tooltip_text(np.asarray(results.data[0]), world=True)
+    assert tip.splitlines()[0].startswith("barcode") and "q05 Type_01" in tip
 
     # QC widget
     qc = dock.qc

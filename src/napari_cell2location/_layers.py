@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -576,6 +577,41 @@ def spatial_layer_data(
     return layers
 
 
+#: features always shown on hover, when the layer has them
+HOVER_ALWAYS = ("barcode", "total_counts", "total_cells", "reconstruction_r")
+
+
+def hover_properties(layer, index) -> list[str]:
+    """What hovering spot ``index`` of a results layer shows: its barcode, the feature(s) it is
+    coloured by (``metadata['shown']``) and a few QC values, not all n_stats x n_types features.
+    """
+    from napari.utils.status_messages import format_feature_value
+
+    feats = layer.features
+    if index is None or index >= len(feats):
+        return []
+    shown = layer.metadata.get("shown")
+    names = ["barcode"]
+    if shown is not None:
+        stat, what = shown
+        if stat == "qc":
+            names.append(what)
+        else:
+            names.extend(feature_name(stat, ct) for ct in (what if isinstance(what, tuple) else (what,)))
+    names += [n for n in HOVER_ALWAYS if n not in names]
+    return [f"{n}: {format_feature_value(feats[n].iloc[index])}" for n in names if n in feats]
+
+
+def short_hover(layer) -> None:
+    """Make a results layer's hover (status bar and tooltip) show :func:`hover_properties`."""
+
+    def _get_properties(self, position, *, view_direction=None, dims_displayed=None, world=False):
+        index = self.get_value(position, view_direction=view_direction, dims_displayed=dims_displayed, world=world)
+        return hover_properties(self, index)
+
+    layer._get_properties = types.MethodType(_get_properties, layer)  # napari's Points hook for hover text
+
+
 def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, name: str = "cell abundance") -> tuple:
     """Points layer data of fitted abundances: features hold every statistic of every cell type.
 
@@ -607,7 +643,7 @@ def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, name: str 
         "features": features,
         "face_color": value_colors(first, "magma"),
         "border_width": 0.0,
-        "metadata": {CONTEXT_KEY: ctx},
+        "metadata": {CONTEXT_KEY: ctx, "shown": (stat, types[0]) if types else ("qc", "total_counts")},
     }
     return np.asarray(yx, dtype=float), kwargs, "points"
 

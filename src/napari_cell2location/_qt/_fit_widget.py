@@ -294,7 +294,7 @@ class FitWidget(Container):
         self.plot.draw()
 
     def _on_returned(self, result):
-        from .._layers import results_layer_data
+        from .._layers import results_layer_data, short_hover
 
         mod, qc = result
         self.session.model, self.session.qc = mod, qc
@@ -313,6 +313,7 @@ class FitWidget(Container):
             results = existing
         else:
             results = self.viewer.add_points(data, **kwargs)
+        short_hover(results)
         self.session.results_layer = results
         self.draw_history(mod.history_["elbo_train"].to_numpy().ravel())
         self.progress.value = self.progress.max  # fast mode may stop before its step limit

@@ -7,7 +7,15 @@ import napari.viewer
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, RadioButtons, Select
 
-from .._layers import COMPOSITE_COLORS, STATS, composite_colors, feature_name, robust_limits, value_colors
+from .._layers import (
+    COMPOSITE_COLORS,
+    STATS,
+    composite_colors,
+    feature_name,
+    robust_limits,
+    short_hover,
+    value_colors,
+)
 from ._mpl import ColorBar
 from ._session import get_session
 
@@ -146,6 +154,7 @@ class ResultsWidget(Container):
         layer = self.layer.value
         if layer is None or not self.stat.value:
             return
+        short_hover(layer)  # hover shows what is coloured, not every feature
         feats = layer.features
         pct = (float(self.lo_pct.value), float(self.hi_pct.value))
         if pct[1] <= pct[0]:
