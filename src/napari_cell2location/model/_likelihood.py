@@ -18,6 +18,11 @@ Facts that make this cheap on spatial count matrices:
 
 The only dense work left per step is ``(alpha + x) * log(alpha + mu)``. Values equal
 ``torch.distributions.NegativeBinomial``'s (same ELBO as the original), up to float rounding.
+
+Two ways in: :class:`NegativeBinomialCounts`, a Pyro distribution of a given mu (the model's
+``data_target`` site), and :func:`nb_log_likelihood`, used in training (the fused ELBO), which
+forms mu from its factors a chunk of rows at a time so no (spots, genes) intermediate outlives a
+chunk on large data.
 """
 
 from __future__ import annotations
