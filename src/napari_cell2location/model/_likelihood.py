@@ -65,17 +65,24 @@ class _DenseNBTerms(torch.autograd.Function):
 FUSED_CHUNK_ELEMENTS = 1 << 23
 #: up to this many count entries, the forward's intermediates are kept for backward (faster);
 #: above, backward recomputes them chunk by chunk (memory stays a few chunks, whatever the data)
-FUSED_KEEP_ELEMENTS = 1 << 24
+FUSED_KEEP_ELEMENTS = 1 << 23
 
 
-def _fused_chunk(w, m, s_add, y, alpha, g, ob):
-    """One row chunk's expected (n, G), inner = expected * m + s (n, G), mu, alpha rows, log(alpha + mu)."""
-    expected = w @ g  # (n, G)
+def _fused_chunk(w, m, s_add, y, alpha, g, x, ob):
+    """One row chunk: expected = w g, inner = expected * m + s, mu = inner * y, alpha + x,
+    alpha + mu and log(alpha + mu), each (n, G)."""
+    expected = w @ g
     s_rows = s_add if ob is None else ob @ s_add  # (n or 1, G)
     a_rows = alpha if ob is None else ob @ alpha  # (n or 1, G)
     inner = torch.addcmul(s_rows, expected, m) if m is not None else expected + s_rows
-    mu = inner * y  # (n, G)
-    return expected, inner, mu, a_rows, torch.log(a_rows + mu)
+    mu = inner * y
+    a_mu = a_rows + mu
+    return expected, inner, mu, a_rows + x, a_mu, torch.log(a_mu)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) of two contiguous tensors of one shape, without the product as a temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 class _FusedNBTerms(torch.autograd.Function):
@@ -86,7 +93,8 @@ class _FusedNBTerms(torch.autograd.Function):
     intermediates, so memory beyond the counts is a few chunk-sized temporaries
     (:data:`FUSED_CHUNK_ELEMENTS`), whatever the number of observations. The gradients are
     written out (d/dmu = x / mu - (alpha + x) / (alpha + mu), d/dalpha = -log(alpha + mu) -
-    (alpha + x) / (alpha + mu)) and chained by hand.
+    (alpha + x) / (alpha + mu)) and chained by hand, with as few (n, G) passes as possible:
+    whole-chunk sums of products as dot products, m_g folded into the signatures, updates in place.
     """
 
     @staticmethod
@@ -98,10 +106,10 @@ class _FusedNBTerms(torch.autograd.Function):
         for r0 in range(0, n_obs, rows):
             r = slice(r0, r0 + rows)
             ob = None if obs2batch is None else obs2batch[r]
-            chunk = _fused_chunk(w[r], m, s_add, y[r], alpha, g, ob)
-            _, _, mu, a_rows, log_a_mu = chunk
             xr = x[r]
-            total = total + (xr * torch.log(mu) - (a_rows + xr) * log_a_mu).sum()
+            chunk = _fused_chunk(w[r], m, s_add, y[r], alpha, g, xr, ob)
+            _, _, mu, a_x, _, log_a_mu = chunk
+            total = total + _dot(xr, torch.log(mu)) - _dot(a_x, log_a_mu)
             if keep is not None:
                 keep.append(chunk)
         ctx.save_for_backward(w, m, s_add, y, alpha, g, x, obs2batch)
@@ -112,14 +120,16 @@ class _FusedNBTerms(torch.autograd.Function):
     def backward(ctx, grad_out):
         w, m, s_add, y, alpha, g, x, obs2batch = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_w = torch.empty_like(w) if need[0] else None
-        grad_m = torch.zeros_like(m) if (m is not None and need[1]) else None
-        grad_s = torch.zeros_like(s_add) if need[2] else None
-        grad_y = torch.empty_like(y) if need[3] else None
-        grad_alpha = torch.zeros_like(alpha) if need[4] else None
+        # minus the gradients are accumulated; the sign and grad_out are applied at the end
+        neg_w = torch.empty_like(w) if need[0] else None
+        neg_m = torch.zeros_like(m) if (m is not None and need[1]) else None
+        neg_s = torch.zeros_like(s_add) if need[2] else None
+        neg_y = torch.empty_like(y) if need[3] else None
+        neg_alpha = torch.zeros_like(alpha) if need[4] else None
+        gm_t = (g * m if m is not None else g).T  # (G, F): (d * m) @ g.T == d @ (g * m).T
 
         def to_rows_of(per_obs, ob):
-            """Sum per-observation (n, G) gradients into (1, G) or per-batch (E, G) rows."""
+            """Sum per-observation (n, G) values into (1, G) or per-batch (E, G) rows."""
             return per_obs.sum(0, keepdim=True) if ob is None else ob.T @ per_obs
 
         for i, r0 in enumerate(range(0, x.shape[0], ctx.rows)):
@@ -127,25 +137,25 @@ class _FusedNBTerms(torch.autograd.Function):
             ob = None if obs2batch is None else obs2batch[r]
             xr = x[r]
             if ctx.keep is not None:
-                expected, inner, mu, a_rows, log_a_mu = ctx.keep[i]
+                expected, inner, mu, a_x, a_mu, log_a_mu = ctx.keep[i]
             else:
-                expected, inner, mu, a_rows, log_a_mu = _fused_chunk(w[r], m, s_add, y[r], alpha, g, ob)
-            ratio = (a_rows + xr) / (a_rows + mu)  # (n, G)
-            if grad_alpha is not None:
-                grad_alpha -= to_rows_of(log_a_mu + ratio, ob)
-            d_mu = xr / mu - ratio  # (n, G); times grad_out at the end
-            if grad_y is not None:
-                grad_y[r] = (d_mu * inner).sum(-1, keepdim=True)
-            d_inner = d_mu * y[r]  # (n, G)
-            if grad_s is not None:
-                grad_s += to_rows_of(d_inner, ob)
-            if grad_m is not None:
-                grad_m += (d_inner * expected).sum(0, keepdim=True)
-            if grad_w is not None:
-                grad_w[r] = (d_inner * m if m is not None else d_inner) @ g.T
+                expected, inner, mu, a_x, a_mu, log_a_mu = _fused_chunk(w[r], m, s_add, y[r], alpha, g, xr, ob)
+            neg_d = a_x / a_mu  # (alpha + x) / (alpha + mu), (n, G)
+            if neg_alpha is not None:
+                neg_alpha += to_rows_of(log_a_mu, ob) + to_rows_of(neg_d, ob)
+            neg_d.addcdiv_(xr, mu, value=-1.0)  # now -d/dmu
+            if neg_y is not None:
+                neg_y[r] = (neg_d * inner).sum(-1, keepdim=True)
+            neg_d.mul_(y[r])  # now -d/dinner
+            if neg_s is not None:
+                neg_s += to_rows_of(neg_d, ob)
+            if neg_m is not None:
+                neg_m += (neg_d * expected).sum(0, keepdim=True)
+            if neg_w is not None:
+                neg_w[r] = neg_d @ gm_t
         ctx.keep = None
-        grads = [grad_w, grad_m, grad_s, grad_y, grad_alpha]
-        grads = [None if t is None else t * grad_out for t in grads]
+        scale = -grad_out
+        grads = [None if t is None else t * scale for t in (neg_w, neg_m, neg_s, neg_y, neg_alpha)]
         return (*grads, None, None, None)
 
 
