@@ -90,8 +90,12 @@ class GuideSummary:
     @torch.no_grad()
     def sample(self, name: str, num_samples: int, ind=None) -> torch.Tensor:
         loc, scale = self.loc_scale(name, ind)
-        eps = torch.randn((num_samples, *loc.shape), dtype=loc.dtype, device=loc.device)
-        return self.sites[name](loc + scale * eps)
+        draws = torch.randn((num_samples, *loc.shape), dtype=loc.dtype, device=loc.device)
+        draws.mul_(scale).add_(loc)  # in place: one (num_samples, ...) buffer, not three
+        transform = self.sites[name]
+        if isinstance(transform, torch.distributions.transforms.ExpTransform):
+            return draws.exp_()
+        return transform(draws)
 
     @torch.no_grad()
     def summaries(self, names, obs_batches=None) -> dict:
