@@ -383,3 +383,21 @@ def test_lymph_node_reference_to_spatial_end_to_end():
     c2l.export_posterior(spots, use_quantiles=True, add_to_obsm=["means", "q05"])
     q05 = spots.obsm["q05_cell_abundance_w_sf"]
     assert q05.shape == (1000, 11) and np.isfinite(q05.to_numpy()).all()
+
+
+def test_train_names_unexpected_arguments_and_returns_the_model(tiny):
+    """Both models' train() refuse unknown keywords with the accepted list, before any step."""
+    from napari_cell2location import Cell2location
+
+    ad = small_reference()
+    RegressionModel.setup_anndata(ad, labels_key="ct")
+    reg = RegressionModel(ad)
+    with pytest.raises(TypeError, match=r"\['bogus'\]; accepted: \['device', 'seed'\]"):
+        reg.train(max_epochs=1, bogus=1)
+    assert not reg.is_trained_
+    assert reg.train(max_epochs=1, batch_size=None, progress_bar=False, device="cpu") is reg
+    adata, sig, _ = tiny
+    mod = Cell2location(adata, sig)
+    with pytest.raises(TypeError, match=r"accepted: \['device', 'early_stopping', 'init', 'seed'\]"):
+        mod.train(max_epochs=1, lr_schedule=1)
+    assert mod.train(max_epochs=1, progress_bar=False, device="cpu") is mod and mod.is_trained_

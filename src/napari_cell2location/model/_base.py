@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ._posterior import GuideSummary
+from ._training import consume
 
 
 class GuideOwner:
@@ -32,6 +33,15 @@ class GuideOwner:
         finally:
             self.is_trained_ = self.is_trained_ or len(self._history) > n_before
             self._summary = None
+
+    def _train_to_end(self, make_steps, kwargs: dict, allowed: set, progress_bar: bool, desc: str):
+        """``train()``'s body: refuse keyword arguments outside ``allowed``, then run the generator
+        ``make_steps()`` (``iter_train``) to the end, with a tqdm bar when ``progress_bar``; returns self."""
+        unknown = set(kwargs) - set(allowed)
+        if unknown:
+            raise TypeError(f"train() got unexpected arguments {sorted(unknown)}; accepted: {sorted(allowed)}")
+        consume(make_steps(), progress_bar, desc)
+        return self
 
     @property
     def history_(self) -> dict:

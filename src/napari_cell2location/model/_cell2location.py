@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 from datetime import date
 
@@ -481,14 +480,12 @@ class Cell2location(GuideOwner):
             self._set_nnls_init(dev)
         self._ensure_guide(dev)
         logger.info("training on %s", _describe(dev))
-        full = batch_size is None or int(batch_size) >= self.n_obs
-        steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
         if isinstance(early_stopping, ConvergenceStopper):
             stopper = early_stopping
         else:
             stopper = ConvergenceStopper() if early_stopping else None
-        batches = epoch_batches(
-            self.n_obs, batch_size, lambda ind: self._batch_args(ind, dev), self._full_args(dev) if full else None, seed
+        batches, steps_per_epoch = epoch_batches(
+            self.n_obs, batch_size, lambda ind: self._batch_args(ind, dev), lambda: self._full_args(dev), seed
         )
         yield from self._guarded_training(
             svi_steps(
@@ -528,16 +525,13 @@ class Cell2location(GuideOwner):
             ``device`` ('auto' | 'cpu' | 'cuda[:n]'), ``seed``, ``init`` ('prior' | 'nnls') and
             ``early_stopping`` (see :meth:`iter_train`).
         """
-        allowed = {"device", "seed", "init", "early_stopping"}
-        unknown = set(kwargs) - allowed
-        if unknown:
-            raise TypeError(f"train() got unexpected arguments {sorted(unknown)}; accepted: {sorted(allowed)}")
-        consume(
-            self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, scale_elbo, **kwargs),
+        return self._train_to_end(
+            lambda: self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, scale_elbo, **kwargs),
+            kwargs,
+            {"device", "seed", "init", "early_stopping"},
             progress_bar,
             "training",
         )
-        return self
 
     # ------------------------------------------------------------------ posterior
     def _spot_batches(self, batch_size: int | None):

@@ -81,8 +81,9 @@ class Adam:
         torch._foreach_addcdiv_(params, m, denom, value=-self.lr / bias1)
 
 
-def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, full_args=None, seed=None):
-    """``batches(epoch)`` for :func:`svi_steps`: all observations at once, or shuffled minibatches.
+def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, make_full_args: Callable, seed=None):
+    """``batches(epoch)`` for :func:`svi_steps`, and the steps in one epoch: all observations at
+    once, or shuffled minibatches.
 
     Parameters
     ----------
@@ -92,13 +93,20 @@ def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, full_
         Observations per minibatch; ``None`` (or >= n_obs): one full-data step per epoch.
     make_args : callable
         ``make_args(sorted_indices)`` -> model arguments of one minibatch.
-    full_args : tuple, optional
-        Model arguments of a full-data step (required when not minibatching).
+    make_full_args : callable
+        ``make_full_args()`` -> model arguments of a full-data step (called once, only when not
+        minibatching).
     seed : int, optional
         Seed of the minibatch order.
+
+    Returns
+    -------
+    (callable, int)
+        ``batches`` and ``steps_per_epoch``.
     """
     if batch_size is None or int(batch_size) >= n_obs:
-        return lambda epoch: [full_args]
+        full_args = make_full_args()
+        return (lambda epoch: [full_args]), 1
     rng = np.random.default_rng(seed)
     size = int(batch_size)
 
@@ -106,7 +114,7 @@ def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, full_
         order = rng.permutation(n_obs)
         return (make_args(np.sort(order[i : i + size])) for i in range(0, n_obs, size))
 
-    return batches
+    return batches, math.ceil(n_obs / size)
 
 
 def svi_steps(

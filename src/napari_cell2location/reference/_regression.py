@@ -10,7 +10,6 @@ yielding a :class:`~napari_cell2location.model.TrainStep` per optimisation step;
 from __future__ import annotations
 
 import logging
-import math
 from datetime import date
 
 import numpy as np
@@ -24,7 +23,7 @@ from ..io._validate import InputError
 from ..model._base import GuideOwner, temporary_uns
 from ..model._cell2location import _describe, _to_numpy, resolve_device
 from ..model._posterior import parse_quantile
-from ..model._training import consume, epoch_batches, svi_steps
+from ..model._training import epoch_batches, svi_steps
 from ._module import RegressionBackgroundDetectionTechPyroModel
 from ._signatures import cluster_averages
 from ._validate import MIN_CELLS_PER_LABEL, check_reference, label_codes
@@ -291,10 +290,8 @@ class RegressionModel(GuideOwner):
             pyro.set_rng_seed(int(seed))
         self._ensure_guide(dev)
         logger.info("training the reference model on %s", _describe(dev))
-        full = batch_size is None or int(batch_size) >= self.n_obs
-        steps_per_epoch = 1 if full else math.ceil(self.n_obs / int(batch_size))
-        batches = epoch_batches(
-            self.n_obs, batch_size, lambda ind: self._args(ind, dev), self._args(None, dev) if full else None, seed
+        batches, steps_per_epoch = epoch_batches(
+            self.n_obs, batch_size, lambda ind: self._args(ind, dev), lambda: self._args(None, dev), seed
         )
         yield from self._guarded_training(
             svi_steps(
@@ -328,16 +325,13 @@ class RegressionModel(GuideOwner):
         **kwargs
             ``device`` ('auto' | 'cpu' | 'cuda[:n]') and ``seed``.
         """
-        allowed = {"device", "seed"}
-        unknown = set(kwargs) - allowed
-        if unknown:
-            raise TypeError(f"train() got unexpected arguments {sorted(unknown)}; accepted: {sorted(allowed)}")
-        consume(
-            self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, **kwargs),
+        return self._train_to_end(
+            lambda: self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, **kwargs),
+            kwargs,
+            {"device", "seed"},
             progress_bar,
             "training reference",
         )
-        return self
 
     # ------------------------------------------------------------------ posterior
     def posterior_quantile(self, q: float = 0.5, use_median: bool = False, exclude_vars: list | None = None) -> dict:
