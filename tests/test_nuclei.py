@@ -164,6 +164,17 @@ def test_progress_generator_and_callback(section):
     gen.close()  # cancel between tiles
 
 
+def test_detect_nuclei_takes_the_settings_of_iter_detect_nuclei():
+    import inspect
+
+    settings = inspect.signature(nuclei.iter_detect_nuclei).parameters
+    params = inspect.signature(nuclei.detect_nuclei).parameters
+    assert list(params) == [*settings, "progress"]
+    assert all(params[k].default == settings[k].default for k in settings)
+    with pytest.raises(TypeError, match="chunk"):
+        nuclei.detect_nuclei(np.zeros((100, 100, 3), np.uint8), pixel_size_um=1.0, chunk=256)
+
+
 def test_explicit_threshold_and_invalid_arguments(section):
     px = _pixel_size_um(section)
     none = nuclei.detect_nuclei(section.image[:200, :200], pixel_size_um=px, threshold=1e9)

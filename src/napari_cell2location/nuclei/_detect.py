@@ -23,6 +23,7 @@ installed; they are never required.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -292,15 +293,57 @@ def iter_detect_nuclei(
     channel_axis: int | None = -1,
     method: str = "peaks",
 ) -> Iterator[DetectProgress]:
-    """Detect nuclei tile by tile, yielding a :class:`DetectProgress` after each tile.
+    """Detect nuclei centres on an H&E or nuclear fluorescence (DAPI, Hoechst) image, tile by tile.
 
-    The parameters are those of :func:`detect_nuclei`. The generator's return value (``StopIteration.value``;
-    napari's ``GeneratorWorker`` emits it as ``returned``) is the nuclei table :func:`detect_nuclei` returns.
-    Closing the generator stops between tiles.
+    A generator: it yields a :class:`DetectProgress` after each tile and returns the nuclei table
+    (``StopIteration.value``; napari's ``GeneratorWorker`` emits it as ``returned``). Closing it stops between
+    tiles. :func:`detect_nuclei` runs it to the end. The settings are checked when the first tile is asked for.
+
+    Parameters
+    ----------
+    image : array-like
+        (H, W, 3) RGB H&E (uint8/uint16, or float in [0, 1]), or (H, W) / (H, W, C) fluorescence; numpy,
+        dask, zarr or anything sliceable. It is read one tile at a time.
+    pixel_size_um : float
+        Size of one image pixel in µm (for a Visium image at hires scale:
+        ``spot_diameter_um / (spot_diameter_fullres * tissue_hires_scalef)``).
+    kind : {'he', 'fluorescence'}
+        Stain: H&E (hematoxylin by colour deconvolution) or a bright nuclear stain on a dark background.
+    nucleus_diameter_um : float
+        Typical nucleus diameter; sets the smoothing scale and the minimum distance between nuclei
+        (0.6 of the radius, so touching and smaller nuclei stay apart).
+    threshold : float or 'auto'
+        Minimum difference-of-Gaussians response of a nucleus, in the units of the nuclear signal
+        (hematoxylin optical density, or fluorescence intensity in [0, 1]); 'auto' uses
+        :func:`auto_threshold` on all candidate maxima, above a floor of ``NOISE_K`` standard deviations
+        of the response to the image's pixel noise (:func:`pixel_noise_from_histogram`).
+    chunk_size : int
+        Tile edge in pixels; peak memory grows with ``(chunk_size + 2 * halo) ** 2``, the halo being
+        about six nucleus radii.
+    channel_axis : int or None
+        Axis of the colour channels of a 3-D image (``-1`` for (H, W, C); ``0`` for a (C, H, W)
+        SpatialData image).
+    method : {'peaks', 'stardist', 'cellpose'}
+        'peaks' (default, scikit-image only) or a deep-learning model, only when installed.
 
     Yields
     ------
     DetectProgress
+        Tiles done, tiles in all, candidate maxima so far and the elapsed time.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per nucleus: ``row``, ``col`` (image pixels, napari's (y, x) order, pixel centres at
+        integers) and ``response`` (peak response). ``attrs`` records ``threshold``, ``noise_floor``,
+        ``n_candidates``, ``pixel_size_um`` and the other settings.
+
+    Raises
+    ------
+    ValueError
+        On an invalid parameter or image shape.
+    ImportError
+        When ``method`` names a package that is not installed.
     """
     axis, (h, w) = _check(image, pixel_size_um, kind, nucleus_diameter_um, chunk_size, method, channel_axis, threshold)
     radius_px = 0.5 * float(nucleus_diameter_um) / float(pixel_size_um)
@@ -377,56 +420,25 @@ def iter_detect_nuclei(
     return out
 
 
-def detect_nuclei(
-    image,
-    *,
-    pixel_size_um: float,
-    kind: str = "he",
-    nucleus_diameter_um: float = 7.0,
-    threshold: float | str = "auto",
-    chunk_size: int = 1024,
-    channel_axis: int | None = -1,
-    method: str = "peaks",
-    progress: Callable[[DetectProgress], None] | None = None,
-) -> pd.DataFrame:
+def detect_nuclei(image, *, progress: Callable[[DetectProgress], None] | None = None, **settings: Any) -> pd.DataFrame:
     """Detect nuclei centres on an H&E or nuclear fluorescence (DAPI, Hoechst) image.
+
+    Runs :func:`iter_detect_nuclei` to its end; the image and the settings (``pixel_size_um``, ``kind``,
+    ``nucleus_diameter_um``, ``threshold``, ``chunk_size``, ``channel_axis``, ``method``) are documented there.
 
     Parameters
     ----------
     image : array-like
-        (H, W, 3) RGB H&E (uint8/uint16, or float in [0, 1]), or (H, W) / (H, W, C) fluorescence; numpy,
-        dask, zarr or anything sliceable. It is read one tile at a time.
-    pixel_size_um : float
-        Size of one image pixel in µm (for a Visium image at hires scale:
-        ``spot_diameter_um / (spot_diameter_fullres * tissue_hires_scalef)``).
-    kind : {'he', 'fluorescence'}
-        Stain: H&E (hematoxylin by colour deconvolution) or a bright nuclear stain on a dark background.
-    nucleus_diameter_um : float
-        Typical nucleus diameter; sets the smoothing scale and the minimum distance between nuclei
-        (0.6 of the radius, so touching and smaller nuclei stay apart).
-    threshold : float or 'auto'
-        Minimum difference-of-Gaussians response of a nucleus, in the units of the nuclear signal
-        (hematoxylin optical density, or fluorescence intensity in [0, 1]); 'auto' uses
-        :func:`auto_threshold` on all candidate maxima, above a floor of ``NOISE_K`` standard deviations
-        of the response to the image's pixel noise (:func:`pixel_noise_from_histogram`).
-    chunk_size : int
-        Tile edge in pixels; peak memory grows with ``(chunk_size + 2 * halo) ** 2``, the halo being
-        about six nucleus radii.
-    channel_axis : int or None
-        Axis of the colour channels of a 3-D image (``-1`` for (H, W, C); ``0`` for a (C, H, W)
-        SpatialData image).
-    method : {'peaks', 'stardist', 'cellpose'}
-        'peaks' (default, scikit-image only) or a deep-learning model, only when installed.
+        The image, read one tile at a time.
     progress : callable, optional
         Called with a :class:`DetectProgress` after each tile.
+    **settings
+        Keyword arguments of :func:`iter_detect_nuclei`; ``pixel_size_um`` is required.
 
     Returns
     -------
     pandas.DataFrame
-        One row per nucleus: ``row``, ``col`` (image pixels, napari's (y, x) order, pixel centres at
-        integers) and ``response`` (peak response). ``attrs`` records ``threshold``, ``noise_floor``,
-        ``n_candidates``,
-        ``pixel_size_um`` and the other settings.
+        The nuclei table of :func:`iter_detect_nuclei`: ``row``, ``col``, ``response`` and ``attrs``.
 
     Raises
     ------
@@ -441,16 +453,7 @@ def detect_nuclei(
     >>> data = synthetic_visium(n_spots=100)                           # doctest: +SKIP
     >>> nuclei = detect_nuclei(data.image, pixel_size_um=2.0)          # doctest: +SKIP
     """
-    gen = iter_detect_nuclei(
-        image,
-        pixel_size_um=pixel_size_um,
-        kind=kind,
-        nucleus_diameter_um=nucleus_diameter_um,
-        threshold=threshold,
-        chunk_size=chunk_size,
-        channel_axis=channel_axis,
-        method=method,
-    )
+    gen = iter_detect_nuclei(image, **settings)
     while True:
         try:
             rec = next(gen)
@@ -458,3 +461,13 @@ def detect_nuclei(
             return stop.value
         if progress is not None:
             progress(rec)
+
+
+def _detect_signature() -> inspect.Signature:
+    """Signature of :func:`detect_nuclei` as callers see it: that of :func:`iter_detect_nuclei` plus ``progress``."""
+    settings = inspect.signature(iter_detect_nuclei)
+    progress = inspect.signature(detect_nuclei).parameters["progress"]
+    return settings.replace(parameters=[*settings.parameters.values(), progress], return_annotation="pd.DataFrame")
+
+
+detect_nuclei.__signature__ = _detect_signature()  # help() and introspection show every keyword and its default
