@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import anndata
 import numpy as np
 import pytest
 
-from conftest import make_tiny
+from conftest import SHARED_DATA, make_tiny
 from napari_cell2location._cli import main
 
 
@@ -175,3 +177,42 @@ def test_demo_headless(tmp_path, capsys):
     img = np.asarray(Image.open(out / "abundance_map.png"))
     assert img.shape[0] > 200 and img.std() > 10  # a real figure, not a blank canvas
     assert "Pearson r" in capsys.readouterr().out
+
+
+EMBRYO = os.path.join(SHARED_DATA, "mouse_embryo_cytassist")
+
+
+@pytest.mark.skipif(not os.path.isdir(EMBRYO), reason="shared data folder not present")
+def test_fit_spaceranger_folder_writes_contract_keys(tmp_path):
+    """`fit` reads a Space Ranger folder (.mtx matrix) through io.read_spatial, as File > Open does."""
+    import pandas as pd
+
+    from napari_cell2location.io import read_spaceranger
+
+    adata = read_spaceranger(EMBRYO)
+    totals = np.asarray(adata.X.sum(0)).ravel()
+    genes = adata.var_names[np.sort(np.argsort(-totals)[:300])]  # 300 well-expressed genes, in data order
+    # three "cell types": mean expression of the spots in three bands across the section
+    band = pd.qcut(adata.obs["array_col"], 3, labels=False).to_numpy()
+    x = adata[:, genes].X.toarray()
+    types = ["left", "middle", "right"]
+    sig = pd.DataFrame({t: x[band == i].mean(0) for i, t in enumerate(types)}, index=genes)
+    sig_path = tmp_path / "sig.csv"
+    sig.to_csv(sig_path)
+    out = tmp_path / "res.h5ad"
+    args = ["fit", EMBRYO, "--signatures", str(sig_path), "--out", str(out)]
+    assert main([*args, "--max-epochs", "20", "--quiet", "--device", "cpu"]) == 0
+
+    res = anndata.read_h5ad(out)
+    assert res.shape == adata.shape
+    assert list(res.obs_names) == list(adata.obs_names)
+    for k in ("means", "stds", "q05", "q50", "q95"):
+        df = res.obsm[f"{k}_cell_abundance_w_sf"]
+        assert isinstance(df, pd.DataFrame)
+        assert list(df.columns) == [f"{k}cell_abundance_w_sf_{t}" for t in types]
+        assert list(df.index) == list(adata.obs_names)
+        assert np.isfinite(df.to_numpy()).all() and (df.to_numpy() >= 0).all()
+    mod = res.uns["mod"]
+    assert [str(n) for n in mod["factor_names"]] == types
+    assert [str(n) for n in mod["var_names"]] == list(genes)
+    assert [str(n) for n in mod["obs_names"]] == list(adata.obs_names)

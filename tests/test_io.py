@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import os
 
 import anndata
 import numpy as np
 import pandas as pd
 import pytest
 
-from napari_cell2location.io import read_signatures, read_spatial, write_results
+from conftest import SHARED_DATA
+from napari_cell2location.io import read_signatures, read_spaceranger, read_spatial, spatial_format, write_results
 
 GENES = [f"Gene{i}" for i in range(6)]
 TYPES = ["TypeA", "TypeB", "T cell"]
@@ -227,6 +229,61 @@ def test_read_spatial_bad_paths(tmp_path):
     (tmp_path / "broken.zarr").mkdir()
     with pytest.raises(ValueError, match="zarr"):
         read_spatial(tmp_path / "broken.zarr")
+
+
+EMBRYO = os.path.join(SHARED_DATA, "mouse_embryo_cytassist")
+
+
+@pytest.mark.skipif(not os.path.isdir(EMBRYO), reason="shared data folder not present")
+def test_read_spatial_spaceranger_folder_as_read_spaceranger():
+    """read_spatial reads a Space Ranger folder (.mtx matrix) into the AnnData read_spaceranger builds."""
+    ref = read_spaceranger(EMBRYO)
+    adata, sdata = read_spatial(EMBRYO)
+    assert sdata is None
+    assert adata.shape == ref.shape == (2898, 19465)
+    assert list(adata.obs_names) == list(ref.obs_names)
+    assert list(adata.var_names) == list(ref.var_names)
+    assert (adata.X != ref.X).nnz == 0
+    np.testing.assert_array_equal(adata.obsm["spatial"], ref.obsm["spatial"])
+    pd.testing.assert_frame_equal(adata.obs, ref.obs)
+    assert list(adata.uns["spatial"]) == list(ref.uns["spatial"]) == ["mouse_embryo_cytassist"]
+    got, want = adata.uns["spatial"]["mouse_embryo_cytassist"], ref.uns["spatial"]["mouse_embryo_cytassist"]
+    assert got["scalefactors"] == want["scalefactors"]
+    assert got["scalefactors"]["tissue_lowres_scalef"] == pytest.approx(0.2)
+    np.testing.assert_array_equal(got["images"]["lowres"], want["images"]["lowres"])
+
+
+def test_read_spatial_broken_spaceranger_folders(tmp_path):
+    """A folder that looks like Space Ranger output but is not complete or readable: the message says what."""
+    outs = tmp_path / "sample" / "outs"
+    (outs / "spatial").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"'.*sample'.*Space Ranger.*lacks a count matrix"):
+        read_spatial(tmp_path / "sample")
+    mtx = outs / "filtered_feature_bc_matrix"
+    mtx.mkdir()
+    (mtx / "matrix.mtx").write_text("not a matrix")
+    with pytest.raises(ValueError, match=r"matrix\.mtx'.*not a readable Matrix Market"):
+        read_spatial(outs)
+    (mtx / "matrix.mtx").unlink()
+    with pytest.raises(ValueError, match=r"filtered_feature_bc_matrix'.*no matrix\.mtx"):
+        read_spatial(outs)
+
+
+def test_spatial_format(tmp_path):
+    adata = _results_adata()
+    write_results(adata, tmp_path / "spots.h5ad")
+    write_results(adata, tmp_path / "spots.zarr")
+    del adata.obsm["spatial"]
+    write_results(adata, tmp_path / "cells.h5ad")
+    assert spatial_format(tmp_path / "spots.h5ad") == "h5ad"
+    assert spatial_format(tmp_path / "spots.h5ad", require_spots=True) == "h5ad"
+    assert spatial_format(tmp_path / "cells.h5ad") == "h5ad"  # read_spatial reads it...
+    assert spatial_format(tmp_path / "cells.h5ad", require_spots=True) is None  # ...the napari reader leaves it
+    assert spatial_format(tmp_path / "spots.zarr") == "zarr"
+    assert spatial_format(tmp_path / "missing.h5ad") is None
+    assert spatial_format(tmp_path) is None
+    if os.path.isdir(EMBRYO):
+        assert spatial_format(EMBRYO) == "spaceranger"
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from conftest import SHARED_DATA
-from napari_cell2location._reader import napari_get_reader, read_spaceranger
+from napari_cell2location._reader import napari_get_reader
+from napari_cell2location.io import read_spaceranger
 
 EMBRYO = os.path.join(SHARED_DATA, "mouse_embryo_cytassist")
 BRAIN_H5AD = os.path.join(SHARED_DATA, "mouse_brain_hippocampus", "derived", "visium_hippocampus_spacexr.h5ad")
@@ -207,6 +208,59 @@ def test_two_libraries_side_by_side():
     np.testing.assert_allclose(yx[:20], xy[:20, ::-1])  # section A in place
     np.testing.assert_allclose(yx[20:, 1] - xy[20:, 0], xa[1] - xa[0])  # B's spots moved with its image
     assert yx[20:, 1].min() > yx[:20, 1].max()
+
+
+def _library(name, width, rng, n=20):
+    """A one-library scanpy AnnData: a hires image 1000 world px tall and ``width`` wide, spots on it."""
+    import anndata
+
+    xy = np.c_[rng.uniform(50, width - 50, n), rng.uniform(100, 900, n)]
+    adata = anndata.AnnData(rng.poisson(3, size=(n, 5)).astype(np.float32))
+    adata.obs_names = [f"{name}{i}" for i in range(n)]
+    adata.obsm["spatial"] = xy
+    adata.obs["library_id"] = pd.Categorical([name] * n)
+    sf = {"tissue_hires_scalef": 0.1, "spot_diameter_fullres": 20.0}
+    adata.uns["spatial"] = {name: {"images": {"hires": np.zeros((100, width // 10, 3), np.uint8)}, "scalefactors": sf}}
+    return adata
+
+
+def _image_cols(image_layer):
+    """World column range of an image layer (through its affine)."""
+    data, kwargs, _ = image_layer
+    aff = np.asarray(kwargs["affine"])
+    return aff[1, 2], aff[1, 2] + data.shape[1] * aff[1, 1]
+
+
+def test_same_gap_for_libraries_and_datasets(tmp_path):
+    """Two libraries of one AnnData and two datasets opened together are placed by the same rule:
+    the first stays, the second follows SECTION_GAP x the widest one to its right, never overlapped."""
+    import anndata
+
+    from napari_cell2location._layers import spatial_layer_data
+    from napari_cell2location.io._sections import SECTION_GAP
+
+    rng = np.random.default_rng(1)
+    a, b = _library("A", 600, rng), _library("B", 1000, rng)  # same frame origin: they overlap
+    both = anndata.concat([a, b], uns_merge="unique")
+    both.obs["library_id"] = pd.Categorical(["A"] * a.n_obs + ["B"] * b.n_obs)
+    one = spatial_layer_data(both)
+    a.write_h5ad(tmp_path / "A.h5ad")
+    b.write_h5ad(tmp_path / "B.h5ad")
+    paths = [str(tmp_path / "A.h5ad"), str(tmp_path / "B.h5ad")]
+    reader = napari_get_reader(paths)
+    assert reader is not None
+    two = reader(paths)
+
+    gap = SECTION_GAP * 1000  # of the widest section (B)
+    for layers, points_b in ((one, one[-1][0][a.n_obs :]), (two, two[-1][0])):
+        (a0, a1), (b0, b1) = (_image_cols(layer) for layer in layers if layer[2] == "image")
+        assert (a0, a1) == (0.0, 600.0)  # A stays in place
+        assert b0 - a1 == pytest.approx(gap)
+        assert b1 - b0 == pytest.approx(1000.0)
+        np.testing.assert_allclose(points_b, b.obsm["spatial"][:, ::-1] + [0, b0])  # B's spots moved with it
+        assert points_b[:, 1].min() > a1
+    np.testing.assert_allclose(one[-1][0][: a.n_obs], two[1][0])  # A's spots unmoved in both
+    np.testing.assert_allclose(one[1][1]["affine"], two[2][1]["affine"])  # B's image placed the same
 
 
 def test_viewer_open_with_plugin(make_napari_viewer, tmp_path):

@@ -8,7 +8,10 @@ Coordinate convention (written once, used by the reader, the sample data and the
 * an image stored at ``hires`` / ``lowres`` scale has image pixel ``(r, c) = (y, x) * scalef``; its layer
   gets ``scale = 1 / scalef`` (pixel centres at integer indices, as in napari and Space Ranger), so pixel
   ``(r, c)`` sits at world ``(r, c) / scalef`` and spots land exactly on the tissue;
-* several sections (libraries) whose frames overlap are placed side by side in x, never overlapped.
+* several sections (libraries) whose frames overlap are placed side by side in x, never overlapped; so are
+  several datasets opened together (one rule: :func:`napari_cell2location.io._sections.side_by_side_shifts`).
+
+Sections are parsed from the scanpy layout or SpatialData in :mod:`napari_cell2location.io._sections`.
 
 Everything here returns plain numpy / pandas objects or napari ``LayerDataTuple`` s
 (``(data, kwargs, layer_type)``), so it runs and is tested without Qt.
@@ -17,7 +20,6 @@ Everything here returns plain numpy / pandas objects or napari ``LayerDataTuple`
 from __future__ import annotations
 
 import logging
-import os
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,16 +27,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .io._sections import (
+    bounding_box,
+    estimate_spot_diameter,
+    layout_side_by_side,
+    scanpy_sections,
+    side_by_side_shifts,
+    spatialdata_sections,
+)
+
 logger = logging.getLogger(__name__)
 
 #: statistics of the posterior exported by ``Cell2location.export_posterior`` (cell2location's names)
 STATS = ("means", "stds", "q05", "q50", "q95")
 #: metadata key on a spots layer holding the :class:`SpotContext`
 CONTEXT_KEY = "cell2location"
-#: Visium spot diameter / centre-to-centre distance (55 µm / 100 µm)
-_DIAMETER_PER_PITCH = 0.55
-#: gap between sections placed side by side, as a fraction of the widest section
-_SECTION_GAP = 0.05
 #: colours of the composite view (up to this many cell types at once)
 COMPOSITE_COLORS = (
     (1.0, 0.2, 0.2),
@@ -77,256 +84,6 @@ class SpotContext:
     signatures: pd.DataFrame | None = None
     source: str = ""
     extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class Section:
-    """One tissue section: an optional image with its affine to world, and the spots on it.
-
-    Parameters
-    ----------
-    name : str
-        Library / section name.
-    spots : numpy.ndarray
-        (n_spots_in_section,) integer rows of the table.
-    image : array-like or None
-        (H, W, 3) RGB (or (H, W)) image.
-    image_affine : numpy.ndarray
-        (3, 3) affine from image (row, col) to world (row, col) = full-resolution pixels.
-    """
-
-    name: str
-    spots: np.ndarray
-    image: Any = None
-    image_affine: np.ndarray = field(default_factory=lambda: np.eye(3))
-
-
-# ------------------------------------------------------------------------------------------------
-# geometry
-# ------------------------------------------------------------------------------------------------
-
-
-def estimate_spot_diameter(yx: np.ndarray) -> float:
-    """Spot diameter from the lattice: 0.55 x the median nearest-neighbour distance (Visium geometry).
-
-    Parameters
-    ----------
-    yx : numpy.ndarray
-        (n_spots, 2) spot centres.
-
-    Returns
-    -------
-    float
-    """
-    yx = np.asarray(yx, dtype=float)
-    if len(yx) < 2:
-        return 1.0
-    from scipy.spatial import cKDTree
-
-    dist, _ = cKDTree(yx).query(yx, k=2)
-    nn = float(np.median(dist[:, 1]))
-    return nn * _DIAMETER_PER_PITCH if nn > 0 else 1.0
-
-
-def _scanpy_libraries(adata) -> tuple[list[str], np.ndarray]:
-    """Libraries of ``uns['spatial']`` and the library index of each spot (-1 when unknown)."""
-    libs = list(adata.uns.get("spatial", {}).keys()) if hasattr(adata.uns.get("spatial", {}), "keys") else []
-    lib_of = np.zeros(adata.n_obs, dtype=int) if len(libs) == 1 else np.full(adata.n_obs, -1)
-    if len(libs) > 1:
-        for col in adata.obs.columns:
-            values = adata.obs[col].astype(str).to_numpy()
-            if set(np.unique(values)) <= set(libs):
-                lib_of = np.asarray([libs.index(v) for v in values])
-                break
-        else:
-            logger.warning("uns['spatial'] has libraries %s but no obs column names them per spot", libs)
-            lib_of = np.zeros(adata.n_obs, dtype=int)
-    return libs, lib_of
-
-
-def _pick_image(images: dict, scalefactors: dict) -> tuple[Any, float] | tuple[None, None]:
-    """The finest image of a scanpy library and its scale factor (full-res -> image pixels)."""
-    for key, sf_key in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
-        if key in images and images[key] is not None:
-            scalef = scalefactors.get(sf_key)
-            if scalef is None:
-                logger.warning("image %r has no %r in scalefactors; assuming full resolution", key, sf_key)
-                scalef = 1.0
-            return images[key], float(scalef)
-    return None, None
-
-
-def _affine_scale(scalef: float) -> np.ndarray:
-    return np.diag([1.0 / scalef, 1.0 / scalef, 1.0])
-
-
-def scanpy_sections(adata) -> tuple[list[Section], np.ndarray, float | None]:
-    """Sections of an AnnData in the scanpy Visium layout.
-
-    Parameters
-    ----------
-    adata : anndata.AnnData
-        (n_obs, n_vars) with ``obsm['spatial']`` (x, y) in full-resolution pixels and optionally
-        ``uns['spatial'][library] = {'images': {'hires'|'lowres': (H, W, 3)}, 'scalefactors': {...}}``.
-
-    Returns
-    -------
-    sections : list of Section
-    yx : numpy.ndarray
-        (n_obs, 2) spot centres in world (row, col) = full-resolution pixels.
-    diameter : float or None
-        ``spot_diameter_fullres`` when known.
-    """
-    if "spatial" not in adata.obsm:
-        raise ValueError(
-            "this table has no obsm['spatial'] (spot x, y in full-resolution pixels); cannot place the spots."
-        )
-    yx = np.asarray(adata.obsm["spatial"], dtype=float)[:, ::-1].copy()
-    libs, lib_of = _scanpy_libraries(adata)
-    if not libs:
-        return [Section("spots", np.arange(adata.n_obs))], yx, None
-    sections, diameter = [], None
-    for i, lib in enumerate(libs):
-        entry = adata.uns["spatial"][lib]
-        scalefactors = dict(entry.get("scalefactors", {}) or {})
-        if diameter is None and scalefactors.get("spot_diameter_fullres"):
-            diameter = float(scalefactors["spot_diameter_fullres"])
-        image, scalef = _pick_image(dict(entry.get("images", {}) or {}), scalefactors)
-        sec = Section(str(lib), np.flatnonzero(lib_of == i))
-        if image is not None:
-            sec.image, sec.image_affine = np.asarray(image), _affine_scale(scalef)
-        sections.append(sec)
-    return sections, yx, diameter
-
-
-def spatialdata_sections(sdata, table_key: str | None = None) -> tuple[list[Section], np.ndarray, float | None, str]:
-    """Sections of a SpatialData: the shapes the table annotates and the images in their coordinate system.
-
-    Parameters
-    ----------
-    sdata : spatialdata.SpatialData
-        With a table annotating circle shapes (``radius`` column) through ``region`` / ``instance_key``.
-    table_key : str, optional
-        Table to use (default as :func:`napari_cell2location.io.pick_table`).
-
-    Returns
-    -------
-    sections, yx, diameter, table_key
-        As :func:`scanpy_sections`, plus the table used. World = the ``'global'`` coordinate system
-        (or the first one the shapes are in).
-    """
-    from spatialdata.models import get_table_keys
-    from spatialdata.transformations import get_transformation
-
-    from .io import pick_table
-
-    key = pick_table(sdata, table_key)
-    table = sdata.tables[key]
-    regions, region_key, instance_key = get_table_keys(table)
-    regions = [regions] if isinstance(regions, str) else list(regions)
-    yx = np.full((table.n_obs, 2), np.nan)
-    sections, diameter, cs = [], None, None
-    region_values = table.obs[region_key].astype(str).to_numpy()
-    for region in regions:
-        if region not in sdata.shapes:
-            continue
-        shapes = sdata.shapes[region]
-        transforms = get_transformation(shapes, get_all=True)
-        cs_here = "global" if "global" in transforms else next(iter(transforms))
-        cs = cs or cs_here
-        affine = np.asarray(
-            transforms[cs_here].to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), dtype=float
-        )
-        centres = np.stack([shapes.geometry.y.to_numpy(), shapes.geometry.x.to_numpy(), np.ones(len(shapes))], 1)
-        world = centres @ affine.T
-        rows = np.flatnonzero(region_values == region)
-        pos = shapes.index.get_indexer(table.obs[instance_key].to_numpy()[rows])
-        ok = pos >= 0
-        yx[rows[ok]] = world[pos[ok], :2]
-        if diameter is None and "radius" in shapes.columns:
-            diameter = 2.0 * float(np.median(shapes["radius"])) * float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
-        sections.append(Section(region, rows[ok]))
-    if not sections:
-        raise ValueError(f"table {key!r} annotates {regions}, but none of them is a shapes element of the SpatialData.")
-    # images in the same coordinate system; a lowres copy of an image that has a hires one is left out
-    names = [n for n in sdata.images if cs in get_transformation(sdata.images[n], get_all=True)]
-    names = [n for n in names if not ("lowres" in n and n.replace("lowres", "hires") in names)]
-    for name in names:
-        image, affine = _image_array(sdata.images[name], cs)
-        # the section whose shapes name shares the longest prefix with the image name (one image each)
-        free = [s for s in sections if s.image is None]
-        if not free:
-            logger.warning("image %r has no section of spots left to sit under; not shown", name)
-            continue
-        target = max(free, key=lambda s: len(os.path.commonprefix([s.name, name])))
-        target.image, target.image_affine = image, affine
-    return sections, yx, diameter, key
-
-
-def _image_array(element, cs: str) -> tuple[Any, np.ndarray]:
-    """(H, W, C) array (finest scale) and its (3, 3) affine to ``cs`` of a SpatialData image element."""
-    from spatialdata.transformations import get_transformation
-
-    data = element
-    if hasattr(element, "children") and not hasattr(element, "dims"):  # multiscale DataTree
-        first = next(iter(element.children))
-        data = element[first].ds[next(iter(element[first].ds.data_vars))]
-    transform = get_transformation(element, to_coordinate_system=cs)
-    affine = np.asarray(transform.to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), dtype=float)
-    arr = data.transpose("y", "x", "c").data if "c" in data.dims else data.transpose("y", "x").data
-    if hasattr(arr, "compute") and arr.size * arr.dtype.itemsize < 256 * 2**20:
-        arr = arr.compute()
-    return arr, affine
-
-
-def layout_side_by_side(sections: list[Section], yx: np.ndarray) -> np.ndarray:
-    """Shift sections whose extents overlap so they sit side by side in x; returns new spot centres.
-
-    Parameters
-    ----------
-    sections : list of Section
-        Modified in place (image affines get the shift).
-    yx : numpy.ndarray
-        (n_obs, 2) spot centres in world coordinates.
-
-    Returns
-    -------
-    numpy.ndarray
-        (n_obs, 2) shifted spot centres.
-    """
-    yx = np.array(yx, dtype=float, copy=True)
-    placed = [s for s in sections if len(s.spots) or s.image is not None]
-    if len(placed) < 2:
-        return yx
-
-    def extent(sec):
-        boxes = []
-        if len(sec.spots):
-            pts = yx[sec.spots]
-            boxes.append(np.r_[np.nanmin(pts, 0), np.nanmax(pts, 0)])
-        if sec.image is not None:
-            h, w = sec.image.shape[:2]
-            corners = np.array([[0, 0, 1], [h, w, 1], [0, w, 1], [h, 0, 1]], float) @ sec.image_affine.T
-            boxes.append(np.r_[corners[:, :2].min(0), corners[:, :2].max(0)])
-        b = np.stack(boxes)
-        return np.r_[b[:, :2].min(0), b[:, 2:].max(0)]
-
-    boxes = [extent(s) for s in placed]
-    overlap = any(
-        (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]) for i, a in enumerate(boxes) for b in boxes[:i]
-    )
-    if not overlap:
-        return yx
-    gap = _SECTION_GAP * max(b[3] - b[1] for b in boxes)
-    cursor = boxes[0][3] + gap
-    for sec, box in zip(placed[1:], boxes[1:], strict=True):
-        shift = cursor - box[1]
-        yx[sec.spots, 1] += shift
-        if sec.image is not None:
-            sec.image_affine = sec.image_affine.copy()
-            sec.image_affine[1, 2] += shift
-        cursor += box[3] - box[1] + gap
-    return yx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -575,6 +332,43 @@ def spatial_layer_data(
     }
     layers.append((yx, kwargs, "points"))
     return layers
+
+
+def place_side_by_side(datasets: list[list[tuple]]) -> list[tuple]:
+    """Layer data of several datasets opened together, moved in x so that no two overlap.
+
+    The sections' rule (:func:`~napari_cell2location.io._sections.side_by_side_shifts`) applied to whole
+    datasets: nothing moves unless two datasets overlap; then the first stays and the others follow
+    to its right, the same gap apart as the sections of one dataset.
+
+    Parameters
+    ----------
+    datasets : list of list of tuple
+        The layer data tuples of each dataset (:func:`spatial_layer_data`), in order.
+
+    Returns
+    -------
+    list of tuple
+        All layer data tuples; shifted ones are copies (points data and image affines).
+    """
+    boxes = [
+        bounding_box(
+            [data for data, _, kind in layers if kind == "points"],
+            [(data, kwargs["affine"]) for data, kwargs, kind in layers if kind == "image"],
+        )
+        for layers in datasets
+    ]
+    out: list[tuple] = []
+    for layers, shift in zip(datasets, side_by_side_shifts(boxes), strict=True):
+        for data, kwargs, kind in layers:
+            if shift and kind == "points":
+                data = np.asarray(data, dtype=float) + [0.0, shift]
+            elif shift and kind == "image":
+                affine = np.array(kwargs["affine"], dtype=float)
+                affine[1, 2] += shift
+                kwargs = dict(kwargs, affine=affine)
+            out.append((data, kwargs, kind))
+    return out
 
 
 #: features always shown on hover, when the layer has them

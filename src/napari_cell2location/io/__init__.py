@@ -1,9 +1,16 @@
 """The file and input boundary: reading spatial data and signatures, writing results, validating inputs.
 
+Every entry point (Python, the CLI, napari's reader hook) reads spatial data through :func:`read_spatial`,
+which knows AnnData ``.h5ad``, SpatialData / AnnData ``.zarr`` and Space Ranger ``outs/`` folders
+(:func:`spatial_format` says which one a path holds); :mod:`._sections` turns what was read into tissue
+sections placed side by side.
+
 Imports no Qt and no napari; ``anndata`` / ``spatialdata`` load inside the functions that need them.
 """
 
-from ._read import pick_table, read_signatures, read_spatial, write_results
+from ._read import read_signatures, write_results
+from ._spaceranger import read_spaceranger, spaceranger_root
+from ._spatial import pick_table, read_spatial, spatial_format
 from ._validate import InputError, prepare_inputs, validate_counts, validate_signatures
 
 __all__ = [
@@ -11,7 +18,10 @@ __all__ = [
     "pick_table",
     "prepare_inputs",
     "read_signatures",
+    "read_spaceranger",
     "read_spatial",
+    "spaceranger_root",
+    "spatial_format",
     "validate_counts",
     "validate_signatures",
     "write_results",

@@ -1,0 +1,235 @@
+"""Reading a Space Ranger ``outs/`` folder into an AnnData in the scanpy Visium layout.
+
+Nothing here imports Qt or napari; ``anndata``, ``h5py``, ``scipy.io`` and ``skimage`` load inside the
+functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
+
+logger = logging.getLogger(__name__)
+
+#: count matrices of Space Ranger, in order of preference: HDF5 files, then Matrix Market folders
+MATRIX_H5 = ("filtered_feature_bc_matrix.h5", "raw_feature_bc_matrix.h5")
+MATRIX_DIRS = ("filtered_feature_bc_matrix", "raw_feature_bc_matrix")
+#: tissue positions files, newest layout first (the last one has no header)
+POSITIONS = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
+_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+
+
+def _has_matrix(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in MATRIX_H5) or any((folder / n).is_dir() for n in MATRIX_DIRS)
+
+
+def spaceranger_root(path: str | os.PathLike) -> Path | None:
+    """The folder holding ``spatial/`` and a count matrix (``path`` itself or its ``outs/``), else None.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A Space Ranger ``outs/`` folder or its parent.
+
+    Returns
+    -------
+    pathlib.Path or None
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for root in (path, path / "outs"):
+        if _has_matrix(root) and (root / "spatial").is_dir():
+            return root
+    return None
+
+
+def spaceranger_lacks(path: str | os.PathLike) -> str | None:
+    """What a folder that looks like Space Ranger output lacks (``'a count matrix'``, ...), else None.
+
+    A folder with neither ``spatial/`` nor a count matrix (in itself or its ``outs/``) does not look like
+    Space Ranger output and gives None, as does a complete one.
+    """
+    path = Path(path)
+    if not path.is_dir() or spaceranger_root(path) is not None:
+        return None
+    for root in (path, path / "outs"):
+        matrix, spatial = _has_matrix(root), (root / "spatial").is_dir()
+        if spatial and not matrix:
+            return f"a count matrix ({' or '.join(MATRIX_H5[:1] + MATRIX_DIRS[:1])}/) next to spatial/"
+        if matrix and not spatial:
+            return "the spatial/ folder (tissue positions, scale factors, images) next to the count matrix"
+    return None
+
+
+def _read_10x_h5(path: Path) -> anndata.AnnData:
+    """(n_spots, n_genes) counts of a Space Ranger v3+ feature-barcode matrix ``.h5``."""
+    import anndata
+    import h5py
+    from scipy import sparse
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{str(path)!r} is not a readable HDF5 feature-barcode matrix: {err}") from err
+    with f:
+        if "matrix" not in f:
+            raise ValueError(f"{str(path)!r} is not a Space Ranger v3+ feature-barcode matrix (no 'matrix' group).")
+        m = f["matrix"]
+        n_genes, n_spots = (int(v) for v in m["shape"][:])
+        x = sparse.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=(n_genes, n_spots))
+        barcodes = [b.decode() for b in m["barcodes"][:]]
+        feats = m["features"]
+        names = [b.decode() for b in feats["name"][:]]
+        ids = [b.decode() for b in feats["id"][:]]
+        types = (
+            [b.decode() for b in feats["feature_type"][:]]
+            if "feature_type" in feats
+            else ["Gene Expression"] * len(ids)
+        )
+    var = pd.DataFrame({"gene_ids": ids, "feature_types": types}, index=_unique(pd.Index(names)))
+    return anndata.AnnData(X=x.T.tocsr().astype(np.float32), obs=pd.DataFrame(index=pd.Index(barcodes)), var=var)
+
+
+def _read_10x_mtx(folder: Path) -> anndata.AnnData:
+    """(n_spots, n_genes) counts of a Space Ranger ``*_feature_bc_matrix/`` Matrix Market folder."""
+    import anndata
+    from scipy import io as sio
+
+    def find(stem):
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).exists():
+                return folder / name
+        raise ValueError(f"Space Ranger matrix folder {str(folder)!r} has no {stem}(.gz).")
+
+    matrix = find("matrix.mtx")
+    try:
+        x = sio.mmread(matrix).tocsr().T.tocsr().astype(np.float32)  # (n_spots, n_genes)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{str(matrix)!r} is not a readable Matrix Market file: {err}") from err
+    barcodes = pd.read_csv(find("barcodes.tsv"), sep="\t", header=None)[0].astype(str)
+    feats = pd.read_csv(find("features.tsv") if any(folder.glob("features.tsv*")) else find("genes.tsv"), sep="\t",
+                        header=None)  # fmt: skip
+    names = feats[1] if feats.shape[1] > 1 else feats[0]
+    var = pd.DataFrame({"gene_ids": feats[0].astype(str).to_numpy()}, index=pd.Index(names.astype(str).to_numpy()))
+    if feats.shape[1] > 2:
+        var["feature_types"] = feats[2].astype(str).to_numpy()
+    if x.shape != (len(barcodes), len(var)):
+        raise ValueError(
+            f"{str(folder)!r}: matrix is {x.shape} but there are {len(barcodes)} barcodes, {len(var)} genes."
+        )
+    var.index = _unique(var.index)
+    return anndata.AnnData(X=x, obs=pd.DataFrame(index=pd.Index(barcodes.to_numpy())), var=var)
+
+
+def _unique(index: pd.Index) -> pd.Index:
+    """Gene symbols made unique as anndata's ``var_names_make_unique`` does (``name``, ``name-1``, ...)."""
+    names = index.astype(str).to_numpy().copy()
+    seen: dict[str, int] = {}
+    dup = pd.Index(names).duplicated()
+    for i in np.flatnonzero(dup):
+        n = seen.get(names[i], 0) + 1
+        while f"{names[i]}-{n}" in set(names):
+            n += 1
+        seen[names[i]] = n
+        names[i] = f"{names[i]}-{n}"
+    return pd.Index(names)
+
+
+def _read_positions(spatial: Path) -> pd.DataFrame:
+    """Tissue positions indexed by barcode (``_POSITION_COLUMNS``), from the first file of ``POSITIONS``."""
+    for name in POSITIONS:
+        p = spatial / name
+        if not p.exists():
+            continue
+        if p.suffix == ".parquet":
+            df = pd.read_parquet(p)
+        elif name == "tissue_positions_list.csv":
+            df = pd.read_csv(p, header=None, names=_POSITION_COLUMNS)
+        else:
+            df = pd.read_csv(p)
+        missing = [c for c in _POSITION_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"{str(p)!r} lacks columns {missing}")
+        return df.set_index(df["barcode"].astype(str))
+    raise ValueError(f"{str(spatial)!r} has no tissue positions file (one of {', '.join(POSITIONS)}).")
+
+
+def _read_images(spatial: Path) -> dict[str, np.ndarray]:
+    """``hires`` / ``lowres`` tissue images of ``spatial/`` as 8-bit (H, W, 3) (or (H, W)) arrays."""
+    images = {}
+    for key in ("hires", "lowres"):
+        p = spatial / f"tissue_{key}_image.png"
+        if p.exists():
+            from skimage.io import imread
+
+            img = imread(p)
+            if img.dtype != np.uint8:  # 16-bit PNGs -> 8-bit for display
+                img = (img / max(float(img.max()), 1.0) * 255).astype(np.uint8)
+            images[key] = img[..., :3] if img.ndim == 3 else img
+    return images
+
+
+def read_spaceranger(path: str | os.PathLike, library_id: str | None = None) -> anndata.AnnData:
+    """Read a Space Ranger ``outs/`` folder into an AnnData in the scanpy Visium layout.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``outs/`` folder (or its parent): ``filtered_feature_bc_matrix.h5`` or the
+        ``filtered_feature_bc_matrix/`` mtx folder, and ``spatial/`` with ``tissue_positions.csv`` (or
+        ``.parquet``, or the old header-less ``tissue_positions_list.csv``), ``scalefactors_json.json``
+        and ``tissue_hires_image.png`` / ``tissue_lowres_image.png``.
+    library_id : str, optional
+        Key of ``uns['spatial']``; default the folder's name.
+
+    Returns
+    -------
+    anndata.AnnData
+        (n_spots, n_genes) raw counts (CSR float32) of the barcodes in the matrix; ``obs`` has
+        ``in_tissue``, ``array_row``, ``array_col``; ``obsm['spatial']`` is (x, y) full-resolution
+        pixels; ``uns['spatial'][library_id]`` holds ``images`` and ``scalefactors``.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is not a Space Ranger folder, or a file in it is missing or unreadable (the message
+        names the file).
+    """
+    root = spaceranger_root(path)
+    if root is None:
+        raise ValueError(f"{str(path)!r} is not a Space Ranger output folder (needs spatial/ and a count matrix).")
+    h5 = next((root / n for n in MATRIX_H5 if (root / n).is_file()), None)
+    adata = (
+        _read_10x_h5(h5)
+        if h5 is not None
+        else _read_10x_mtx(next(root / n for n in MATRIX_DIRS if (root / n).is_dir()))
+    )
+    spatial = root / "spatial"
+    pos = _read_positions(spatial)
+    missing = adata.obs_names.difference(pos.index)
+    if len(missing):
+        raise ValueError(
+            f"{str(root)!r}: {len(missing)} barcodes of the matrix have no tissue position in spatial/, "
+            f"e.g. {missing[0]!r}."
+        )
+    pos = pos.loc[adata.obs_names]
+    for col in ("in_tissue", "array_row", "array_col"):
+        adata.obs[col] = pos[col].to_numpy().astype(int)
+    adata.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    scalefactors = {}
+    if (spatial / "scalefactors_json.json").exists():
+        scalefactors = json.loads((spatial / "scalefactors_json.json").read_text())
+    lib = library_id or (root.parent.name if root.name == "outs" else root.name)
+    adata.uns["spatial"] = {lib: {"images": _read_images(spatial), "scalefactors": scalefactors}}
+    logger.info("Read Space Ranger folder %s: %d spots x %d genes", root, adata.n_obs, adata.n_vars)
+    return adata

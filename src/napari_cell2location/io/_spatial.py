@@ -1,0 +1,183 @@
+"""Reading spatial counts: which format a path holds, and the one entry point :func:`read_spatial`.
+
+Formats: an AnnData ``.h5ad`` file, a SpatialData (or AnnData) ``.zarr`` store and a Space Ranger
+``outs/`` folder. Nothing here imports Qt or napari; ``anndata``, ``spatialdata`` and ``h5py`` load
+inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from ._read import _existing_path, _format_suffix
+from ._spaceranger import read_spaceranger, spaceranger_lacks, spaceranger_root
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
+    import spatialdata
+
+logger = logging.getLogger(__name__)
+
+SpatialFormat = Literal["h5ad", "zarr", "spaceranger"]
+
+
+def _zarr_encoding_type(path: Path) -> str | None:
+    """Return the root group's ``encoding-type`` attribute of a zarr store (``'anndata'`` for AnnData)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # noqa: BLE001 - any failure means "not a readable zarr group"
+        raise ValueError(f"{str(path)!r} is not a readable zarr store: {err}") from err
+    return group.attrs.get("encoding-type")
+
+
+def _looks_like_zarr(path: Path) -> bool:
+    return any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zattrs"))
+
+
+def _h5ad_has_spots(path: Path) -> bool:
+    """Whether an .h5ad holds spot positions (``obsm/spatial``); a single-cell reference does not."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "obsm" in f and "spatial" in f["obsm"]
+    except OSError:
+        return False
+
+
+def spatial_format(path: str | os.PathLike, *, require_spots: bool = False) -> SpatialFormat | None:
+    """Which spatial format ``path`` holds, from its name and a look at its contents (nothing is read).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file or folder.
+    require_spots : bool
+        Say ``'h5ad'`` only for an ``.h5ad`` holding ``obsm['spatial']``, so a single-cell reference is
+        not taken for spatial data (what napari's reader hook needs).
+
+    Returns
+    -------
+    {'h5ad', 'zarr', 'spaceranger'} or None
+        ``'zarr'`` for a ``.zarr`` folder or any folder with zarr metadata; ``'spaceranger'`` for a folder
+        (or the parent of an ``outs/`` folder) with ``spatial/`` and a count matrix; None otherwise.
+    """
+    path = Path(path).expanduser()
+    suffix = _format_suffix(path)
+    if suffix == ".h5ad" and path.is_file():
+        return "h5ad" if not require_spots or _h5ad_has_spots(path) else None
+    if path.is_dir() and (suffix == ".zarr" or _looks_like_zarr(path)):
+        return "zarr"
+    if spaceranger_root(path) is not None:
+        return "spaceranger"
+    return None
+
+
+def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None) -> str:
+    """Return the name of the table to use from ``sdata``.
+
+    Parameters
+    ----------
+    sdata : spatialdata.SpatialData
+        The spatial dataset.
+    table_key : str, optional
+        Name of the table. ``None`` picks ``'table'`` if present, else the only table.
+
+    Returns
+    -------
+    str
+        A key of ``sdata.tables``.
+
+    Raises
+    ------
+    ValueError
+        If ``table_key`` is not a table, or no table can be chosen unambiguously.
+    """
+    keys = list(sdata.tables.keys())
+    if table_key is not None:
+        if table_key not in sdata.tables:
+            raise ValueError(f"table_key {table_key!r} is not a table of this SpatialData; tables present: {keys}.")
+        return table_key
+    if not keys:
+        raise ValueError("This SpatialData has no table (AnnData of counts); nothing to fit.")
+    if "table" in sdata.tables:
+        return "table"
+    if len(keys) == 1:
+        return keys[0]
+    raise ValueError(f"This SpatialData has several tables {keys}; pass table_key= to choose one.")
+
+
+def _read_zarr(path: Path, table_key: str | None) -> tuple[anndata.AnnData, spatialdata.SpatialData | None]:
+    """An AnnData zarr store as ``(adata, None)``, a SpatialData one as ``(its table, sdata)``."""
+    if _zarr_encoding_type(path) == "anndata":
+        import anndata
+
+        adata = anndata.read_zarr(path)
+        logger.info("Read AnnData %s from zarr store %s", adata.shape, path)
+        return adata, None
+
+    import spatialdata
+
+    try:
+        sdata = spatialdata.read_zarr(path)
+    except Exception as err:  # noqa: BLE001 - re-raised with the path and what was expected
+        raise ValueError(f"Cannot read {str(path)!r} as a SpatialData zarr store: {err}") from err
+    key = pick_table(sdata, table_key)
+    adata = sdata.tables[key]
+    logger.info("Read SpatialData from %s; using table %r %s", path, key, adata.shape)
+    return adata, sdata
+
+
+def read_spatial(
+    path: str | os.PathLike, table_key: str | None = None
+) -> tuple[anndata.AnnData, spatialdata.SpatialData | None]:
+    """Read spatial counts from an ``.h5ad`` file, a ``.zarr`` store or a Space Ranger folder.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An AnnData ``.h5ad`` file, a SpatialData ``.zarr`` directory, an AnnData ``.zarr``
+        directory (as written by :func:`write_results` without ``sdata``), or a Space Ranger
+        ``outs/`` folder or its parent (read by :func:`read_spaceranger`).
+    table_key : str, optional
+        For SpatialData: the table holding the counts. ``None`` picks ``'table'`` if present,
+        else the only table.
+
+    Returns
+    -------
+    adata : anndata.AnnData
+        The (n_obs, n_vars) counts table. For SpatialData it is the table object itself, so
+        results written into it land in ``sdata``. For Space Ranger it is in the scanpy Visium
+        layout (``obsm['spatial']``, ``uns['spatial'][library]``).
+    sdata : spatialdata.SpatialData or None
+        The whole dataset (images, shapes, tables), or ``None`` for AnnData and Space Ranger inputs.
+
+    Raises
+    ------
+    ValueError
+        If the path does not exist, its format is unknown (the message says what a folder that looks
+        like Space Ranger output lacks), a file in it is unreadable, or no table can be chosen.
+    """
+    path = _existing_path(path, "Spatial data")
+    fmt = spatial_format(path)
+    if fmt == "h5ad":
+        import anndata
+
+        adata = anndata.read_h5ad(path)
+        logger.info("Read AnnData %s from %s", adata.shape, path)
+        return adata, None
+    if fmt == "zarr":
+        return _read_zarr(path, table_key)
+    if fmt == "spaceranger":
+        return read_spaceranger(path), None
+    lacks = spaceranger_lacks(path)
+    hint = f" It looks like a Space Ranger output folder but it lacks {lacks}." if lacks else ""
+    raise ValueError(
+        f"Cannot read spatial data from {str(path)!r}: unknown format. Expected an AnnData .h5ad file, "
+        f"a SpatialData (or AnnData) .zarr directory or a Space Ranger outs/ folder.{hint}"
+    )
