@@ -252,6 +252,94 @@ def batch_codes(adata, batch_key: str | None) -> tuple[np.ndarray, list]:
     return np.asarray(cat.codes, dtype=np.int64), [str(c) for c in cat.categories]
 
 
+def _check_table(adata) -> tuple[pd.Index, pd.Index]:
+    """Spot and gene names of a non-empty AnnData, both unique (as str)."""
+    try:
+        import anndata
+    except ImportError:  # pragma: no cover - anndata is a hard dependency
+        anndata = None
+    if anndata is not None and not isinstance(adata, anndata.AnnData):
+        raise InputError(f"adata must be an AnnData with spots as rows, got {type(adata).__name__}.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"adata is empty (shape {adata.shape}).")
+    obs_names = pd.Index(adata.obs_names.astype(str))
+    var_names = pd.Index(adata.var_names.astype(str))
+    dup = _duplicates(obs_names)
+    if dup:
+        raise InputError(f"adata has duplicate spot names {_preview(dup)}; call adata.obs_names_make_unique().")
+    dup = _duplicates(var_names)
+    if dup:
+        raise InputError(f"adata has duplicate gene names {_preview(dup)}; call adata.var_names_make_unique().")
+    return obs_names, var_names
+
+
+def _shared_genes(var_names: pd.Index, sig: pd.DataFrame, min_shared_genes: int) -> np.ndarray:
+    """Positions in ``var_names`` of the genes the signatures also have; refused below ``min_shared_genes``."""
+    var_idx = np.flatnonzero(var_names.isin(sig.index))
+    if len(var_idx) < min_shared_genes:
+        raise InputError(
+            f"only {len(var_idx)} genes are shared between the spatial data ({len(var_names)} genes, e.g. "
+            f"{_preview(var_names, 3)}) and the signatures ({sig.shape[0]} genes, e.g. {_preview(sig.index, 3)}); "
+            f"at least {min_shared_genes} are needed. Check that both use the same gene identifiers "
+            "(symbols vs Ensembl IDs) and the same species."
+        )
+    return var_idx
+
+
+def _shared_counts(adata, layer: str | None, var_idx: np.ndarray, obs_names: pd.Index, var_names: pd.Index):
+    """(n_obs, len(var_idx)) float32 counts of the shared genes (CSR when sparse), checked to be raw counts."""
+    X = count_matrix(adata, layer)
+    if len(var_idx) < adata.n_vars:  # a column subset copies the matrix: only when genes are dropped
+        X = X[:, var_idx]
+    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    validate_counts(X, obs_names, var_names[var_idx], what=what)
+    if sparse.issparse(X):
+        return sparse.csr_matrix(X, dtype=np.float32)
+    return np.asarray(X, dtype=np.float32)
+
+
+def _drop_zero_genes(X, var_idx: np.ndarray, var_names: pd.Index, min_shared_genes: int):
+    """``X`` and ``var_idx`` without the genes that have no counts in any spot, and how many were dropped."""
+    totals = np.asarray(X.sum(axis=0)).ravel()
+    nonzero_genes = totals > 0
+    n_zero = int((~nonzero_genes).sum())
+    if n_zero:
+        logger.info(
+            "dropping %d genes with zero counts in every spot: %s", n_zero, _preview(var_names[var_idx][~nonzero_genes])
+        )
+        var_idx = var_idx[nonzero_genes]
+        X = X[:, nonzero_genes]
+    if len(var_idx) < min_shared_genes:
+        raise InputError(
+            f"only {len(var_idx)} shared genes have any counts in the spatial data; at least {min_shared_genes} "
+            "are needed. Check that the count matrix is not empty."
+        )
+    return X, var_idx, n_zero
+
+
+def _count_empty_spots(X) -> int:
+    """Spots with zero counts over the genes kept (warned about; all of them is refused)."""
+    spot_totals = np.asarray(X.sum(axis=1)).ravel()
+    n_empty = int((spot_totals == 0).sum())
+    if n_empty == X.shape[0]:
+        raise InputError("every spot has zero counts over the shared genes; check the count matrix.")
+    if n_empty:
+        logger.warning("%d spots have zero counts over the shared genes", n_empty)
+    return n_empty
+
+
+def _signatures_of(sig: pd.DataFrame, kept: pd.Index) -> np.ndarray:
+    """(len(kept), n_factors) float32 signatures of the genes kept; every cell type must express some."""
+    cell_state = sig.loc[kept].to_numpy(dtype=np.float32)
+    empty_types = sig.columns[cell_state.sum(axis=0) == 0].tolist()
+    if empty_types:
+        raise InputError(
+            f"cell types {_preview(empty_types)} have zero expression over the {len(kept)} shared genes; "
+            "drop them from the signatures or use a reference with more genes in common."
+        )
+    return cell_state
+
+
 def prepare_inputs(
     adata,
     cell_state_df: pd.DataFrame,
@@ -281,69 +369,14 @@ def prepare_inputs(
     -------
     PreparedInputs
     """
-    try:
-        import anndata
-    except ImportError:  # pragma: no cover - anndata is a hard dependency
-        anndata = None
-    if anndata is not None and not isinstance(adata, anndata.AnnData):
-        raise InputError(f"adata must be an AnnData with spots as rows, got {type(adata).__name__}.")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(f"adata is empty (shape {adata.shape}).")
-    obs_names = pd.Index(adata.obs_names.astype(str))
-    var_names = pd.Index(adata.var_names.astype(str))
-    dup = _duplicates(obs_names)
-    if dup:
-        raise InputError(f"adata has duplicate spot names {_preview(dup)}; call adata.obs_names_make_unique().")
-    dup = _duplicates(var_names)
-    if dup:
-        raise InputError(f"adata has duplicate gene names {_preview(dup)}; call adata.var_names_make_unique().")
-
+    obs_names, var_names = _check_table(adata)
     sig = validate_signatures(cell_state_df)
     codes, names = batch_codes(adata, batch_key)
 
-    shared_mask = var_names.isin(sig.index)
-    n_shared = int(shared_mask.sum())
-    report = {
-        "n_obs": adata.n_obs,
-        "n_genes_data": adata.n_vars,
-        "n_genes_signatures": sig.shape[0],
-        "n_genes_shared": n_shared,
-    }
-    if n_shared < min_shared_genes:
-        raise InputError(
-            f"only {n_shared} genes are shared between the spatial data ({adata.n_vars} genes, e.g. "
-            f"{_preview(var_names, 3)}) and the signatures ({sig.shape[0]} genes, e.g. {_preview(sig.index, 3)}); "
-            f"at least {min_shared_genes} are needed. Check that both use the same gene identifiers "
-            "(symbols vs Ensembl IDs) and the same species."
-        )
-    var_idx = np.flatnonzero(shared_mask)
-    X = count_matrix(adata, layer)
-    if len(var_idx) < adata.n_vars:  # a column subset copies the matrix: only when genes are dropped
-        X = X[:, var_idx]
-    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    validate_counts(X, obs_names, var_names[var_idx], what=what)
-
-    if sparse.issparse(X):
-        X = sparse.csr_matrix(X, dtype=np.float32)
-        totals = np.asarray(X.sum(axis=0)).ravel()
-    else:
-        X = np.asarray(X, dtype=np.float32)
-        totals = X.sum(axis=0)
-    nonzero_genes = totals > 0
-    n_zero = int((~nonzero_genes).sum())
-    if n_zero:
-        logger.info(
-            "dropping %d genes with zero counts in every spot: %s", n_zero, _preview(var_names[var_idx][~nonzero_genes])
-        )
-        var_idx = var_idx[nonzero_genes]
-        X = X[:, nonzero_genes]
-    report["n_genes_zero_dropped"] = n_zero
-    report["n_genes_used"] = len(var_idx)
-    if len(var_idx) < min_shared_genes:
-        raise InputError(
-            f"only {len(var_idx)} shared genes have any counts in the spatial data; at least {min_shared_genes} "
-            "are needed. Check that the count matrix is not empty."
-        )
+    var_idx = _shared_genes(var_names, sig, min_shared_genes)
+    n_shared = len(var_idx)
+    X = _shared_counts(adata, layer, var_idx, obs_names, var_names)
+    X, var_idx, n_zero = _drop_zero_genes(X, var_idx, var_names, min_shared_genes)
     kept = var_names[var_idx]
     logger.info(
         "genes: %d in spatial data, %d in signatures, %d shared, %d all-zero dropped, %d used",
@@ -355,22 +388,17 @@ def prepare_inputs(
     )
     if len(kept) < WARN_SHARED_GENES:
         logger.warning("only %d genes are used; abundance estimates from so few genes are unreliable", len(kept))
-
-    spot_totals = np.asarray(X.sum(axis=1)).ravel()
-    n_empty = int((spot_totals == 0).sum())
-    report["n_obs_empty"] = n_empty
-    if n_empty == adata.n_obs:
-        raise InputError("every spot has zero counts over the shared genes; check the count matrix.")
-    if n_empty:
-        logger.warning("%d spots have zero counts over the shared genes", n_empty)
-
-    cell_state = sig.loc[kept].to_numpy(dtype=np.float32)
-    empty_types = sig.columns[cell_state.sum(axis=0) == 0].tolist()
-    if empty_types:
-        raise InputError(
-            f"cell types {_preview(empty_types)} have zero expression over the {len(kept)} shared genes; "
-            "drop them from the signatures or use a reference with more genes in common."
-        )
+    n_empty = _count_empty_spots(X)
+    cell_state = _signatures_of(sig, kept)
+    report = {
+        "n_obs": adata.n_obs,
+        "n_genes_data": adata.n_vars,
+        "n_genes_signatures": sig.shape[0],
+        "n_genes_shared": n_shared,
+        "n_genes_zero_dropped": n_zero,
+        "n_genes_used": len(kept),
+        "n_obs_empty": n_empty,
+    }
     return PreparedInputs(
         X=X,
         obs_names=obs_names,
