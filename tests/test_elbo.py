@@ -108,7 +108,7 @@ def test_fused_elbo_needs_a_set_up_guide(tiny):
 def test_fused_nb_terms_value_and_gradients_in_chunks(monkeypatch, with_m, n_batch, keep):
     """The chunked mean + NB terms equal the plain formula, and their hand-written backward passes
     gradcheck, with rows split over several chunks, intermediates kept or recomputed."""
-    from napari_cell2location.model import _likelihood
+    from napari_cell2location._infer import _likelihood
 
     monkeypatch.setattr(_likelihood, "FUSED_CHUNK_ELEMENTS", 20)  # 7 genes: 2 rows a chunk
     monkeypatch.setattr(_likelihood, "FUSED_KEEP_ELEMENTS", 10**6 if keep else 0)
@@ -145,7 +145,7 @@ def test_fused_nb_terms_value_and_gradients_in_chunks(monkeypatch, with_m, n_bat
 
 def test_fused_elbo_equals_trace_elbo_when_recomputing_in_chunks(tiny, monkeypatch):
     """Large-data settings (intermediates recomputed in backward, many row chunks) on tiny data."""
-    from napari_cell2location.model import _likelihood
+    from napari_cell2location._infer import _likelihood
 
     monkeypatch.setattr(_likelihood, "FUSED_CHUNK_ELEMENTS", 800)  # 80 genes: 10 rows a chunk
     monkeypatch.setattr(_likelihood, "FUSED_KEEP_ELEMENTS", 0)
@@ -155,7 +155,7 @@ def test_fused_elbo_equals_trace_elbo_when_recomputing_in_chunks(tiny, monkeypat
 def test_counts_pattern_grouped_in_chunks_matches_one_pass(monkeypatch):
     """Grouping (batch, gene, count) a few rows at a time and merging gives the same groups, and
     the fused likelihood's pattern (no per-entry arrays) the same lgamma total as the per-entry sum."""
-    from napari_cell2location.model import _likelihood
+    from napari_cell2location._infer import _likelihood
 
     rng = np.random.default_rng(3)
     x = torch.tensor(rng.negative_binomial(2, 0.4, size=(11, 13)), dtype=torch.float32)

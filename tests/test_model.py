@@ -19,7 +19,7 @@ from napari_cell2location.model import (
 from napari_cell2location.model import (
     LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel as NoFact,
 )
-from napari_cell2location.model._likelihood import CountsPattern, NegativeBinomialCounts
+from napari_cell2location._infer._likelihood import CountsPattern, NegativeBinomialCounts
 
 
 def fitted(adata, sig, steps=30, **kwargs):
@@ -416,7 +416,7 @@ def test_fast_mode_nnls_init_and_early_stopping(tiny):
 
 
 def test_adam_matches_torch():
-    from napari_cell2location.model._cell2location import Adam
+    from napari_cell2location._infer._training import Adam
 
     torch.manual_seed(0)
     a = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
@@ -453,7 +453,7 @@ def test_nuclei_counts_observed_pull_spot_totals(tiny, tmp_path):
 
 
 def test_dense_terms_gradient_matches_autograd():
-    from napari_cell2location.model._likelihood import _DenseNBTerms
+    from napari_cell2location._infer._likelihood import _DenseNBTerms
 
     rng = np.random.default_rng(4)
     x = torch.tensor(rng.poisson(3, size=(6, 9)), dtype=torch.float64)
@@ -515,7 +515,8 @@ def test_nnls_start_on_sparse_counts_matches_dense(tiny):
 
 def test_default_learning_rate_follows_the_mode(tiny, monkeypatch):
     """train(max_epochs=None) without lr runs at AUTO_LR; an explicit max_epochs at the original's 0.002."""
-    from napari_cell2location.model import _cell2location, _training
+    from napari_cell2location._infer import _training
+    from napari_cell2location.model import _cell2location
 
     seen = []
 

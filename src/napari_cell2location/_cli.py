@@ -1,8 +1,10 @@
 """Command line: ``napari-cell2location fit | demo | reference``.
 
-``fit`` runs the headless pipeline on a file; ``demo --headless`` runs it on the built-in
-synthetic section and writes results and a PNG map. Bad input exits non-zero with a one-line
-reason (no traceback).
+``fit`` runs the fit pipeline (:func:`napari_cell2location.model.iter_fit`) on a file; ``demo
+--headless`` runs it on the built-in synthetic section and writes results and a PNG map;
+``reference`` runs the signature pipeline (:func:`napari_cell2location.reference.iter_signatures`).
+Bad input exits non-zero with a one-line reason (no traceback). This module imports neither Qt nor
+napari: ``demo`` without ``--headless`` loads the GUI on demand.
 """
 
 from __future__ import annotations
@@ -13,13 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-logger = logging.getLogger("napari_cell2location")
+from ._contract import abundance_key
+from ._variants import ModelVariant
 
-MODEL_CHOICES = {
-    "main": "LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel",
-    "no-factorisation": "LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel",
-    "no-mg": "LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel",
-}
+logger = logging.getLogger("napari_cell2location")
 
 
 class CLIError(Exception):
@@ -70,7 +69,9 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int | None, lr: float |
         help="learning rate (default 0.01 without --max-epochs, 0.002 with it)",
     )
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
-    p.add_argument("--model", choices=sorted(MODEL_CHOICES), default="main", help="model variant")
+    p.add_argument(
+        "--model", choices=[v.value for v in ModelVariant], default=ModelVariant.MAIN.value, help="model variant"
+    )
     p.add_argument(
         "--num-samples", type=_positive_int, default=1000, help="posterior samples for the summaries (default 1000)"
     )
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="fit Cell2location to a spatial dataset and write abundances")
-    fit.add_argument("spatial", help="spatial counts: .h5ad or SpatialData .zarr")
+    fit.add_argument("spatial", help="spatial counts: .h5ad, SpatialData .zarr or a Space Ranger outs/ folder")
     fit.add_argument(
         "--signatures",
         required=True,
@@ -115,37 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_fit(mod, args) -> None:
-    mod.train(
+def _fit(adata, signatures, args, batch_key):
+    """The fit pipeline with the command line's settings; returns its FitResult."""
+    from .model import FitSettings, fit
+
+    settings = FitSettings(
+        variant=ModelVariant(args.model),
+        n_cells_per_location=args.n_cells_per_location,
+        detection_alpha=args.detection_alpha,
+        batch_key=batch_key,
+        layer=getattr(args, "layer", None),
         max_epochs=args.max_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         device=args.device,
         seed=args.seed,
-        progress_bar=not args.quiet,
-    )
-
-
-def _fit_and_export(adata, signatures, args, batch_key):
-    from .model import Cell2location
-
-    Cell2location.setup_anndata(adata, batch_key=batch_key, layer=getattr(args, "layer", None))
-    mod = Cell2location(
-        adata,
-        signatures,
-        model_class=MODEL_CHOICES[args.model],
-        N_cells_per_location=args.n_cells_per_location,
-        detection_alpha=args.detection_alpha,
-    )
-    _progress_fit(mod, args)
-    add = ["means", "stds", "q05", "q50", "q95"]
-    mod.export_posterior(
-        adata,
-        sample_kwargs={"num_samples": args.num_samples},
-        add_to_obsm=add,
         use_quantiles=args.use_quantiles,
+        num_samples=args.num_samples,
+        export_batch_size=None,
     )
-    return mod
+    return fit(adata, signatures, settings, progress_bar=not args.quiet)
 
 
 def cmd_fit(args) -> int:
@@ -156,7 +146,7 @@ def cmd_fit(args) -> int:
         raise CLIError(f"--out must end in .h5ad or .zarr, got {args.out!r}")
     adata, sdata = read_spatial(args.spatial, table_key=args.table_key)
     signatures = read_signatures(args.signatures)
-    mod = _fit_and_export(adata, signatures, args, args.batch_key)
+    mod = _fit(adata, signatures, args, args.batch_key).model
     write_results(adata, out, sdata=sdata)
     if args.save_model:
         mod.save(args.save_model, overwrite=True)
@@ -177,7 +167,7 @@ def abundance_figure(adata, image, scalefactor: float, factor_names, truth=None,
 
     from .plotting import plot_spatial_abundance
 
-    q05 = adata.obsm["q05_cell_abundance_w_sf"]
+    q05 = adata.obsm[abundance_key("q05")]
     order = np.argsort(-q05.to_numpy().mean(0))[:n_panels]
     rows = 2 if truth is not None else 1
     fig, axes = plt.subplots(rows, len(order), figsize=(3.2 * len(order), 2.6 * rows), squeeze=False)
@@ -234,9 +224,9 @@ def cmd_demo(args) -> int:
     logger.info(
         "synthetic section: %d spots x %d genes, %d cell types", adata.n_obs, adata.n_vars, data.signatures.shape[1]
     )
-    mod = _fit_and_export(adata, data.signatures, args, "batch")
+    mod = _fit(adata, data.signatures, args, "batch").model
     truth = data.truth["cell_abundance"].loc[adata.obs_names]
-    est = adata.obsm["means_cell_abundance_w_sf"].to_numpy()
+    est = adata.obsm[abundance_key("means")].to_numpy()
     r = float(np.corrcoef(est.ravel(), truth.to_numpy().ravel())[0, 1])
     ratio = float(est.sum(1).mean() / truth.to_numpy().sum(1).mean())
     write_results(adata, out / "results.zarr", sdata=sdata)
@@ -301,52 +291,33 @@ def cmd_reference(args) -> int:
         raise CLIError(f"the reference must be an existing .h5ad file, got {args.reference!r}")
     import anndata
 
-    from .reference import RegressionModel, cluster_average_signatures, filter_genes, signatures_from_adata
+    from .reference import SignatureSettings, estimate_signatures
 
     t0 = time.perf_counter()
-    adata = anndata.read_h5ad(path)
-    if not args.no_filter:
-        genes = filter_genes(
-            adata,
-            cell_count_cutoff=args.cell_count_cutoff,
-            cell_percentage_cutoff2=args.cell_percentage_cutoff2,
-            nonz_mean_cutoff=args.nonz_mean_cutoff,
-            layer=args.layer,
-        )
-        if len(genes) == 0:
-            raise CLIError("filter_genes kept no gene; lower the cut-offs or pass --no-filter")
-        logger.info("filter_genes kept %d of %d genes", len(genes), adata.n_vars)
-        adata = adata[:, genes].copy()
-    if args.method == "average":
-        signatures = cluster_average_signatures(adata, args.labels_key, layer=args.layer)
-    else:
-        RegressionModel.setup_anndata(
-            adata,
-            layer=args.layer,
-            batch_key=args.batch_key,
-            labels_key=args.labels_key,
-            categorical_covariate_keys=args.categorical_covariate_keys,
-        )
-        mod = RegressionModel(adata)
-        mod.train(
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            device=args.device,
-            seed=args.seed,
-            progress_bar=not args.quiet,
-        )
-        mod.export_posterior(adata, sample_kwargs={"num_samples": args.num_samples}, use_quantiles=args.use_quantiles)
-        signatures = signatures_from_adata(adata)
+    settings = SignatureSettings(
+        labels_key=args.labels_key,
+        batch_key=args.batch_key,
+        layer=args.layer,
+        categorical_covariate_keys=tuple(args.categorical_covariate_keys or ()),
+        filter=not args.no_filter,
+        cell_count_cutoff=args.cell_count_cutoff,
+        cell_percentage_cutoff2=args.cell_percentage_cutoff2,
+        nonz_mean_cutoff=args.nonz_mean_cutoff,
+        method=args.method,
+        max_epochs=args.max_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        use_quantiles=args.use_quantiles,
+        num_samples=args.num_samples,
+    )
+    result = estimate_signatures(anndata.read_h5ad(path), settings, progress_bar=not args.quiet)
+    signatures = result.signatures
     out.parent.mkdir(parents=True, exist_ok=True)
     signatures.to_csv(out, sep=seps[out.suffix.lower()])
     if args.out_h5ad:
-        if args.method == "average":
-            adata.varm["means_per_cluster_mu_fg"] = signatures.set_axis(
-                [f"means_per_cluster_mu_fg_{c}" for c in signatures.columns], axis=1
-            )
-            adata.uns["mod"] = {"factor_names": list(signatures.columns)}
-        adata.write_h5ad(args.out_h5ad)
+        result.adata.write_h5ad(args.out_h5ad)
     print(
         f"wrote {out} ({signatures.shape[0]} genes x {signatures.shape[1]} cell types, method {args.method}) "
         f"in {time.perf_counter() - t0:.0f} s"

@@ -32,8 +32,8 @@ def fit_job(adata, signatures, settings: dict):
     Yields ``('model', mod)`` first, then :class:`~napari_cell2location.model.TrainStep` records, then
     ``('exporting', None)``; returns ``(mod, qc)``. Quitting the worker stops it between two steps.
     """
-    from .._layers import STATS, model_qc
-    from ..model import Cell2location
+    from .._layers import STATS
+    from ..model import Cell2location, model_qc
 
     Cell2location.setup_anndata(adata, batch_key=settings["batch_key"])
     n_cells = settings["N_cells_per_location"]
@@ -66,8 +66,8 @@ def load_job(adata, path, device: str = "cpu"):
 
     Yields ``('model', mod)`` and ``('exporting', None)``; returns ``(mod, qc)`` as :func:`fit_job`.
     """
-    from .._layers import STATS, model_qc
-    from ..model import Cell2location
+    from .._layers import STATS
+    from ..model import Cell2location, model_qc
 
     mod = Cell2location.load(path, adata, device=device)
     yield ("model", mod)

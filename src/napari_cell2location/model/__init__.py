@@ -1,7 +1,10 @@
-"""Cell2location model: Pyro modules, AutoNormal guide, training generator, posterior export."""
+"""Cell2location model: Pyro modules, the user-facing estimator, the fit pipeline and its QC.
 
-from ._cell2location import Cell2location, TrainStep, resolve_device
-from ._likelihood import NegativeBinomialCounts
+Built on the shared inference engine (:mod:`napari_cell2location._infer`). Imports no Qt and no napari.
+"""
+
+from .._infer import ConvergenceStopper, NegativeBinomialCounts, Stage, TrainStep, resolve_device
+from ._cell2location import Cell2location, check_n_cells
 from ._modules import (
     Cell2locationModule,
     LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
@@ -10,16 +13,31 @@ from ._modules import (
     NoFactorisationModule,
     NoMGModule,
 )
+from ._pipeline import FitResult, FitSettings, build_model, fit, iter_fit, iter_load_fit
+from ._qc import model_qc, spot_qc
+from .._variants import ModelVariant
 
 __all__ = [
     "Cell2location",
     "Cell2locationModule",
+    "ConvergenceStopper",
+    "FitResult",
+    "FitSettings",
     "LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel",
     "LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelNoMGPyroModel",
     "LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel",
+    "ModelVariant",
     "NegativeBinomialCounts",
     "NoFactorisationModule",
     "NoMGModule",
+    "Stage",
     "TrainStep",
+    "build_model",
+    "check_n_cells",
+    "fit",
+    "iter_fit",
+    "iter_load_fit",
+    "model_qc",
     "resolve_device",
+    "spot_qc",
 ]

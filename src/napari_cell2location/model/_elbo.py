@@ -34,7 +34,7 @@ class MeanFieldELBO:
 
     Parameters
     ----------
-    module : _LocationModelBase
+    module : LocationModelBase
         A spatial model (has ``_latent_sites`` and ``log_likelihood``).
     guide : pyro.infer.autoguide.AutoNormal
         Its guide, already set up (``prototype_trace`` present).
@@ -51,8 +51,8 @@ class MeanFieldELBO:
 
     def _loc_and_raw_scale(self, name):
         """The guide's loc and unconstrained scale of a site (plain leaf tensors, no transforms)."""
-        locs, scales = self.guide.locs, self.guide.scales
-        return locs._parameters[name + "_unconstrained"], scales._parameters[name + "_unconstrained"]
+        raw = name + "_unconstrained"  # PyroParam's leaf tensor
+        return getattr(self.guide.locs, raw), getattr(self.guide.scales, raw)
 
     def __call__(self, x_data, idx, batch_index, unconstrained: dict | None = None) -> torch.Tensor:
         """The loss (negative ELBO) of one step.
@@ -106,7 +106,7 @@ class MeanFieldELBO:
                 local_sum = local_sum + site_sum
             else:
                 global_sum = global_sum + site_sum
-        if module.skip_likelihood or x_data is None:
+        if x_data is None:
             raise ValueError("the ELBO needs the counts")
         with pyro.validation_enabled(False):
             loglik = module.log_likelihood(values, x_data, idx, batch)

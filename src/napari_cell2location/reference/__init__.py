@@ -7,21 +7,27 @@ the negative binomial :class:`RegressionModel`, whose ``export_posterior`` write
 
 from ._filter import filter_genes, gene_filter_stats, plot_filter_genes
 from ._module import RegressionBackgroundDetectionTechPyroModel
+from ._pipeline import METHODS, SignatureSettings, SignaturesResult, estimate_signatures, iter_signatures
 from ._regression import RegressionModel, default_max_epochs
 from ._signatures import cluster_average_signatures, compute_cluster_averages, signatures_from_adata
 from ._validate import MIN_CELLS_PER_LABEL, ReferenceInputs, check_reference
 
 __all__ = [
+    "METHODS",
     "MIN_CELLS_PER_LABEL",
     "ReferenceInputs",
     "RegressionBackgroundDetectionTechPyroModel",
     "RegressionModel",
+    "SignatureSettings",
+    "SignaturesResult",
     "check_reference",
     "cluster_average_signatures",
     "compute_cluster_averages",
     "default_max_epochs",
+    "estimate_signatures",
     "filter_genes",
     "gene_filter_stats",
+    "iter_signatures",
     "plot_filter_genes",
     "signatures_from_adata",
 ]

@@ -14,8 +14,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from ..model._likelihood import CountsPattern, NegativeBinomialCounts
-from ..model._modules import sample_gene_background
+from .._infer import CountsPattern, NegativeBinomialCounts, sample_gene_background
 
 _ALPHA_G_PHI_HYP = {"alpha": 9.0, "beta": 3.0}
 _GENE_ADD_ALPHA_HYP = {"alpha": 9.0, "beta": 3.0}
@@ -163,7 +162,7 @@ class RegressionBackgroundDetectionTechPyroModel(PyroModule):
         if tech is not None:
             mu = mu * tech
         alpha = alpha_g_inverse.pow(-2)  # (1, G)
-        if x_data is None:
+        if x_data is None:  # no counts: the guide is being set up
             return mu
         pattern = self._counts_pattern(x_data) if x_data.shape[0] == self.n_obs else None
         with obs_plate:

@@ -10,20 +10,14 @@ yielding a :class:`~napari_cell2location.model.TrainStep` per optimisation step;
 from __future__ import annotations
 
 import logging
-from datetime import date
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
-from pyro.infer.autoguide import AutoNormal
-from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 
+from .._contract import signature_column, signature_key
+from .._infer import PyroEstimator, aligned_order, to_numpy
 from ..io._validate import InputError
-from ..model._base import GuideOwner, temporary_uns
-from ..model._cell2location import _describe, _to_numpy, resolve_device
-from ..model._posterior import parse_quantile
-from ..model._training import epoch_batches, svi_steps
 from ._module import RegressionBackgroundDetectionTechPyroModel
 from ._signatures import cluster_averages
 from ._validate import MIN_CELLS_PER_LABEL, check_reference, label_codes
@@ -31,7 +25,6 @@ from ._validate import MIN_CELLS_PER_LABEL, check_reference, label_codes
 logger = logging.getLogger(__name__)
 
 SETUP_KEY = "napari_cell2location_reference_setup"
-_DEFAULT_SUMMARIES = ("means", "stds", "q05", "q95")
 #: floor of the initial per-cluster means (a Gamma site cannot start at 0)
 _INIT_FLOOR = 1e-3
 
@@ -41,7 +34,7 @@ def default_max_epochs(n_cells: int) -> int:
     return int(max(1, min(round(20000 / max(int(n_cells), 1) * 400), 400)))
 
 
-class RegressionModel(GuideOwner):
+class RegressionModel(PyroEstimator):
     """Estimate reference cell-type signatures with a negative binomial regression (``spec/MODEL.md`` §4).
 
     Each cell's counts are modelled as NB with mean
@@ -73,9 +66,16 @@ class RegressionModel(GuideOwner):
     """
 
     PARAMS_FILE = "model.pt"  # name kept from earlier saves
+    _PROGRESS = "training reference"
+    _QC_EXTRA_PANELS = 1
 
     def __init__(self, adata, min_cells_per_label: int = MIN_CELLS_PER_LABEL, **model_kwargs):
         setup = dict(adata.uns.get(SETUP_KEY, {})) if hasattr(adata, "uns") else {}
+        self._build(adata, setup, min_cells_per_label, model_kwargs)
+
+    def _build(self, adata, setup: dict, min_cells_per_label: int, model_kwargs: dict):
+        """The constructor's body, with the set-up given (from ``adata.uns`` or a saved model)."""
+        model_kwargs = dict(model_kwargs)
         if not setup.get("labels_key"):
             raise InputError(
                 "the reference is not set up: call RegressionModel.setup_anndata(adata, labels_key=..., "
@@ -119,20 +119,10 @@ class RegressionModel(GuideOwner):
             init = np.maximum(self.cluster_averages_.to_numpy().T, _INIT_FLOOR).astype(np.float32)
             model_kwargs["init_vals"] = {"per_cluster_mu_fg": init}
         self.model_kwargs = {k: v for k, v in model_kwargs.items() if k != "init_vals"}
-        with pyro.settings.context(module_local_params=True):
-            self.module = RegressionBackgroundDetectionTechPyroModel(
-                n_obs=self.n_obs,
-                n_vars=self.n_vars,
-                n_factors=self.n_factors,
-                n_batch=self.n_batch,
-                **model_kwargs,
-            )
-            self.guide = self._make_guide()
-        self.device = torch.device("cpu")
-        self._history: list[float] = []
-        self.is_trained_ = False
-        self.samples: dict = {}
-        self._summary = None
+        dims = {"n_obs": self.n_obs, "n_vars": self.n_vars, "n_factors": self.n_factors, "n_batch": self.n_batch}
+        self._init_inference(
+            lambda: RegressionBackgroundDetectionTechPyroModel(**dims, **model_kwargs), model_kwargs["init_vals"]
+        )
         logger.info(
             "RegressionModel: %d cells x %d genes, %d cell types, %d batch(es), covariates %s",
             self.n_obs,
@@ -198,24 +188,13 @@ class RegressionModel(GuideOwner):
         }
         adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None and v != []}
 
-    def _make_guide(self):
-        init_vals = getattr(self.module, "init_vals", None) or {}
-        base = init_to_mean(fallback=init_to_feasible)
-
-        def init_loc_fn(site):
-            if site["name"] in init_vals:
-                return torch.as_tensor(np.asarray(init_vals[site["name"]]), dtype=torch.float32).to(
-                    self.module.ones.device
-                )
-            return base(site)
-
-        return AutoNormal(self.module, init_loc_fn=init_loc_fn, init_scale=0.1, create_plates=self.module.create_plates)
-
     # ------------------------------------------------------------------ data on the device
-    def _args(self, ind: np.ndarray | None, device):
-        x = self.X if ind is None else self.X[ind]
+    def _args(self, ind: np.ndarray | None, device, counts: bool = True):
+        x = None
+        if counts:
+            x = self.X if ind is None else self.X[ind]
+            x = torch.as_tensor(np.ascontiguousarray(x.toarray(), dtype=np.float32), device=device)
         ind = np.arange(self.n_obs) if ind is None else ind
-        x = torch.as_tensor(np.ascontiguousarray(x.toarray(), dtype=np.float32), device=device)
         extra = None
         if self.extra_categoricals is not None:
             extra = torch.as_tensor(self.extra_categoricals[ind], device=device)
@@ -227,17 +206,14 @@ class RegressionModel(GuideOwner):
             extra,
         )
 
-    def _ensure_guide(self, device):
-        """Move model and guide to ``device`` and set the guide up (no optimisation step)."""
-        self.module.to(device)
-        with pyro.settings.context(module_local_params=True):
-            if self.guide.prototype_trace is None:
-                ind = np.arange(min(self.n_obs, 2))
-                x, idx, batch, label, extra = self._args(ind, device)
-                self.guide._setup_prototype(None, idx, batch, label, extra)
-            self.guide.to(device)
-        self.device = device
-        self._summary = None
+    def _batch_args(self, ind, device):
+        return self._args(ind, device)
+
+    def _full_args(self, device):
+        return self._args(None, device)
+
+    def _prototype_args(self, device):
+        return self._args(np.arange(min(self.n_obs, 2)), device, counts=False)  # every site is global
 
     # ------------------------------------------------------------------ training
     def iter_train(
@@ -276,34 +252,14 @@ class RegressionModel(GuideOwner):
         ------
         TrainStep
         """
-        if train_size != 1:
-            raise InputError("train_size must be 1: the reference model trains on every cell")
-        max_epochs = default_max_epochs(self.n_obs) if max_epochs is None else int(max_epochs)
-        if max_epochs < 1:
-            raise InputError(f"max_epochs must be at least 1, got {max_epochs}")
-        if batch_size is not None and int(batch_size) < 1:
-            raise InputError(f"batch_size must be a positive integer or None, got {batch_size}")
-        if not float(lr) > 0:
-            raise InputError(f"lr must be positive, got {lr}")
-        dev = resolve_device(device)
-        if seed is not None:
-            pyro.set_rng_seed(int(seed))
-        self._ensure_guide(dev)
-        logger.info("training the reference model on %s", _describe(dev))
-        batches, steps_per_epoch = epoch_batches(
-            self.n_obs, batch_size, lambda ind: self._args(ind, dev), lambda: self._args(None, dev), seed
-        )
-        yield from self._guarded_training(
-            svi_steps(
-                self.module,
-                self.guide,
-                batches,
-                max_epochs,
-                steps_per_epoch,
-                float(lr),
-                self._history,
-                num_particles=num_particles,
-            )
+        yield from self._svi(
+            max_epochs=default_max_epochs(self.n_obs) if max_epochs is None else max_epochs,
+            batch_size=batch_size,
+            train_size=train_size,
+            lr=lr,
+            num_particles=num_particles,
+            device=device,
+            seed=seed,
         )
 
     def train(
@@ -316,7 +272,7 @@ class RegressionModel(GuideOwner):
         progress_bar: bool = True,
         **kwargs,
     ):
-        """Train the model (see :meth:`iter_train` for the parameters).
+        """Train the model (see :meth:`iter_train` for the parameters); returns the model.
 
         Parameters
         ----------
@@ -325,90 +281,10 @@ class RegressionModel(GuideOwner):
         **kwargs
             ``device`` ('auto' | 'cpu' | 'cuda[:n]') and ``seed``.
         """
-        return self._train_to_end(
-            lambda: self.iter_train(max_epochs, batch_size, train_size, lr, num_particles, **kwargs),
-            kwargs,
-            {"device", "seed"},
-            progress_bar,
-            "training reference",
-        )
+        args = {"max_epochs": max_epochs, "batch_size": batch_size, "train_size": train_size, "lr": lr}
+        return self._train_to_end({**args, "num_particles": num_particles}, kwargs, progress_bar)
 
     # ------------------------------------------------------------------ posterior
-    def posterior_quantile(self, q: float = 0.5, use_median: bool = False, exclude_vars: list | None = None) -> dict:
-        """Quantile ``q`` of every latent site, exactly from the guide (no sampling).
-
-        Parameters
-        ----------
-        q : float
-            Quantile in (0, 1).
-        use_median : bool
-            Same as ``q=0.5``.
-        exclude_vars : list of str, optional
-            Sites to leave out.
-
-        Returns
-        -------
-        dict
-            site -> numpy array.
-        """
-        q = 0.5 if use_median else float(q)
-        if not 0 < q < 1:
-            raise ValueError(f"q must be in (0, 1), got {q}")
-        summary = self._guide_summary()
-        return {s: _to_numpy(summary.quantile(s, q)) for s in summary.sites if s not in (exclude_vars or [])}
-
-    def _summaries_from_guide(self, names) -> dict:
-        """Means and stds (quadrature) and quantiles (exact) of every site, without sampling."""
-        return self._guide_summary().summaries(names)
-
-    @torch.no_grad()
-    def sample_posterior(self, num_samples: int = 1000, summaries=_DEFAULT_SUMMARIES, max_values: int = 20_000_000):
-        """Draw posterior samples of every site and summarise them, in gene chunks (bounded memory).
-
-        Parameters
-        ----------
-        num_samples : int
-            Draws per site.
-        summaries : sequence of str
-            'means', 'stds', quantiles such as 'q05'.
-        max_values : int
-            Largest number of draws held at once (num_samples x chunk size).
-
-        Returns
-        -------
-        dict
-            ``post_sample_{summary}`` -> {site: numpy array}.
-        """
-        from ..model._posterior import sorted_quantile
-
-        summary = self._guide_summary()
-        for k in summaries:
-            if k not in ("means", "stds") and parse_quantile(k) is None:
-                raise ValueError(f"unknown posterior summary {k!r}: use 'means', 'stds' or quantiles such as 'q05'")
-        quantiles = {k: parse_quantile(k) for k in summaries if k not in ("means", "stds")}
-        num_samples = int(num_samples)
-        out = {f"post_sample_{k}": {} for k in summaries}
-        for site in summary.sites:
-            loc, scale = summary.loc_scale(site)
-            flat_loc, flat_scale = loc.reshape(-1), scale.reshape(-1)
-            chunk = max(1, int(max_values // num_samples))
-            parts = {k: [] for k in summaries}
-            for i in range(0, flat_loc.numel(), chunk):
-                lo, sc = flat_loc[i : i + chunk], flat_scale[i : i + chunk]
-                eps = torch.randn((num_samples, lo.numel()), dtype=lo.dtype, device=lo.device)
-                draws = summary.sites[site](lo + sc * eps)
-                if "means" in parts:
-                    parts["means"].append(draws.mean(0))
-                if "stds" in parts:
-                    parts["stds"].append(draws.std(0))
-                if quantiles:  # one sort serves every quantile
-                    ordered = torch.sort(draws, dim=0).values
-                    for k, q in quantiles.items():
-                        parts[k].append(sorted_quantile(ordered, q))
-            for k in summaries:
-                out[f"post_sample_{k}"][site] = _to_numpy(torch.cat(parts[k])).reshape(tuple(loc.shape))
-        return out
-
     def detection_scaling(self, samples: dict | None = None) -> np.ndarray:
         """Average detection of the reference's cells, per gene: mean over cells of y_e(c) * tech effects.
 
@@ -421,12 +297,12 @@ class RegressionModel(GuideOwner):
         numpy.ndarray
             (n_genes,) factor.
         """
-        samples = samples if samples is not None else self._summaries_from_guide(["means"])["post_sample_means"]
+        samples = samples if samples is not None else self.posterior_means()
         y_e = np.asarray(samples["detection_mean_y_e"]).reshape(-1)
         per_cell = y_e[self.batch_index]  # (C,)
         if self.extra_categoricals is not None and "detection_tech_gene_tg" in samples:
             tech = np.asarray(samples["detection_tech_gene_tg"])
-            rows = self.extra_categoricals + _to_numpy(self.module.tech_offsets)
+            rows = self.extra_categoricals + to_numpy(self.module.tech_offsets)
             # mean over cells of y * prod_k t_k: group cells by their covariate combination
             combos, inverse = np.unique(rows, axis=0, return_inverse=True)
             inverse = inverse.reshape(-1)
@@ -472,58 +348,25 @@ class RegressionModel(GuideOwner):
         anndata.AnnData
             ``adata``, with the outputs added.
         """
-        var = pd.Index(adata.var_names.astype(str))
-        if var.equals(self.var_names):
-            order = None
-        elif len(var) == len(self.var_names) and set(var) == set(self.var_names):
-            order = self.var_names.get_indexer(var)
-        else:
-            raise InputError(
-                f"adata does not hold the genes the model was trained on ({adata.n_vars} given, {self.n_vars} "
-                "trained); export into the training AnnData."
-            )
-        add_to_varm = list(add_to_varm)
-        for k in add_to_varm:
-            if k not in ("means", "stds") and parse_quantile(k) is None:
-                raise InputError(f"unknown summary {k!r} in add_to_varm; use 'means', 'stds', 'q05', 'q50', ...")
-        if use_quantiles:
-            names = list(dict.fromkeys(["means", *add_to_varm]))
-            self.samples = self._summaries_from_guide(names)
-        else:
-            names = list(dict.fromkeys([*_DEFAULT_SUMMARIES, *add_to_varm]))
-            self.samples = self.sample_posterior(
-                num_samples=int((sample_kwargs or {}).get("num_samples", 1000)), summaries=names
-            )
+        order = aligned_order(adata.var_names, self.var_names, "genes")
+        sample_kwargs = {"num_samples": int((sample_kwargs or {}).get("num_samples", 1000))}
+        names = self._export_summaries(add_to_varm, "add_to_varm", use_quantiles, sample_kwargs, required=["means"])
         scaling = self.detection_scaling(self.samples["post_sample_means"]) if scale_average_detection else None
         self.scaling_ = scaling
         for k in add_to_varm:
             values = self.samples[f"post_sample_{k}"]["per_cluster_mu_fg"].T  # (G, F)
             if scaling is not None:
                 values = values * scaling[:, None]
-            if order is not None:
-                values = values[order]
-            adata.varm[f"{k}_per_cluster_mu_fg"] = pd.DataFrame(
-                values, index=adata.var_names, columns=[f"{k}_per_cluster_mu_fg_{f}" for f in self.factor_names_]
+            adata.varm[signature_key(k)] = pd.DataFrame(
+                values if order is None else values[order],
+                index=adata.var_names,
+                columns=[signature_column(k, f) for f in self.factor_names_],
             )
-        adata.uns[export_slot] = self._export2adata(names, scale_average_detection)
-        return adata
-
-    def _export2adata(self, names, scaled: bool) -> dict:
-        out = {
-            "model_name": self.module.__class__.__name__,
-            "date": str(date.today()),
-            "factor_names": np.asarray(self.factor_names_, dtype=object),
-            "var_names": np.asarray(self.var_names, dtype=object),
-            "obs_names": np.asarray(self.obs_names, dtype=object),
-            "batch_names": np.asarray(self.batch_names, dtype=object),
-            "labels_key": self.labels_key,
-            "scale_average_detection": bool(scaled),
-        }
+        extra = {"labels_key": self.labels_key, "scale_average_detection": bool(scale_average_detection)}
         if self.batch_key is not None:
-            out["batch_key"] = self.batch_key
-        for k in names:
-            out[f"post_sample_{k}"] = {s: np.asarray(v) for s, v in self.samples[f"post_sample_{k}"].items()}
-        return out
+            extra["batch_key"] = self.batch_key
+        adata.uns[export_slot] = self._export_uns(names, **extra)
+        return adata
 
     def signatures(self, summary: str = "means", scale_average_detection: bool = True) -> pd.DataFrame:
         """Signatures (genes x cell types) straight from the guide, ready for :class:`Cell2location`.
@@ -550,7 +393,7 @@ class RegressionModel(GuideOwner):
     # ------------------------------------------------------------------ QC
     def compute_expected(self, samples: dict | None = None, ind_x=None) -> dict:
         """Expected counts of each gene in each cell (``mu``, (n_cells, n_genes)) and ``alpha``."""
-        samples = samples if samples is not None else self._summaries_from_guide(["means"])["post_sample_means"]
+        samples = samples if samples is not None else self.posterior_means()
         ind_x = np.arange(self.n_obs) if ind_x is None else np.asarray(ind_x)
         extra = None if self.extra_categoricals is None else self.extra_categoricals[ind_x]
         return self.module.compute_expected(
@@ -558,43 +401,24 @@ class RegressionModel(GuideOwner):
             self.batch_index[ind_x],
             self.label_index[ind_x],
             extra,
-            _to_numpy(self.module.tech_offsets),
+            to_numpy(self.module.tech_offsets),
         )
 
-    def plot_QC(self, summary_name: str = "means", use_n_obs: int = 1000, fig=None):
-        """QC figure: reconstruction (observed vs expected counts), signatures vs cluster averages, loss.
-
-        Returns the matplotlib Figure.
-        """
+    def _qc_panels(self, axes, samples: dict) -> None:
+        """Signatures against the cluster averages they started from."""
         from matplotlib.colors import LogNorm
 
-        from ..plotting import plot_history, plot_reconstruction
-
-        key = f"post_sample_{summary_name}"
-        samples = self.samples.get(key) or self._summaries_from_guide([summary_name])[key]
-        rng = np.random.default_rng(0)
-        ind = np.sort(rng.choice(self.n_obs, size=min(use_n_obs, self.n_obs), replace=False))
-        mu = self.compute_expected(samples, ind_x=ind)["mu"]
-        if fig is None:
-            from matplotlib.figure import Figure
-
-            fig = Figure(figsize=(14, 4))
-        ax1, ax2, ax3 = fig.subplots(1, 3)
-        plot_reconstruction(self.X[ind].toarray(), mu, ax=ax1)
+        (ax,) = axes
         est = self.signatures().to_numpy().ravel()
         avg = self.cluster_averages_.to_numpy().ravel()
-        ax2.hist2d(np.log10(avg + 1e-3), np.log10(est + 1e-3), bins=50, norm=LogNorm(), cmap="magma")
-        ax2.set_xlabel("cluster average count (log10)")
-        ax2.set_ylabel("estimated signature (log10)")
-        ax2.set_title("signatures vs cluster averages")
-        plot_history(self.history_, ax=ax3)
-        fig.tight_layout()
-        return fig
+        ax.hist2d(np.log10(avg + 1e-3), np.log10(est + 1e-3), bins=50, norm=LogNorm(), cmap="magma")
+        ax.set_xlabel("cluster average count (log10)")
+        ax.set_ylabel("estimated signature (log10)")
+        ax.set_title("signatures vs cluster averages")
 
     # ------------------------------------------------------------------ persistence
-    def save(self, dir_path, overwrite: bool = False):
-        """Save guide parameters, settings and history to ``dir_path`` (re-load with :meth:`load`)."""
-        attrs = {
+    def _save_attrs(self) -> dict:
+        return {
             "setup": {
                 "layer": self.layer,
                 "labels_key": self.labels_key,
@@ -605,24 +429,14 @@ class RegressionModel(GuideOwner):
             "factor_names": self.factor_names_,
             "var_names": list(self.var_names),
         }
-        self._write_saved(dir_path, overwrite, attrs)
 
     @classmethod
-    def load(cls, dir_path, adata, device: str = "cpu"):
-        """Load a model saved with :meth:`save` for the same reference ``adata``; no training step is run."""
-        path, attrs = cls._read_saved(dir_path)
+    def _from_saved(cls, path, attrs: dict, adata):
         if list(pd.Index(adata.var_names.astype(str))) != attrs["var_names"]:
             raise InputError("adata's genes differ from those the model was trained on")
-        with temporary_uns(adata, SETUP_KEY, None):
-            cls.setup_anndata(adata, **attrs["setup"])
-            obj = cls(adata, **attrs["model_kwargs"])
+        setup = {k: v for k, v in attrs["setup"].items() if v is not None and v != []}
+        obj = cls.__new__(cls)
+        obj._build(adata, setup, MIN_CELLS_PER_LABEL, attrs["model_kwargs"])
         if obj.factor_names_ != attrs["factor_names"]:
             raise InputError("adata's labels differ from those the model was trained on")
-        obj._restore_guide(path, attrs, resolve_device(device))
         return obj
-
-    def __repr__(self) -> str:
-        return (
-            f"RegressionModel(n_obs={self.n_obs}, n_vars={self.n_vars}, n_factors={self.n_factors}, "
-            f"n_batch={self.n_batch}, trained={self.is_trained_})"
-        )

@@ -3,6 +3,7 @@
 :func:`svi_steps` runs stochastic variational inference on a model / AutoNormal guide pair owned
 by the caller (module-local parameters), one minibatch at a time, and yields a :class:`TrainStep`
 after every optimisation step; :func:`consume` drives such a generator with a progress bar.
+:class:`ConvergenceStopper` decides when a run without a fixed number of epochs has converged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
+from ..io._validate import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,6 +31,70 @@ class TrainStep(NamedTuple):
     total: int  #: steps this call will run (at most)
     loss: float  #: loss (negative ELBO, times ``scale_elbo``) of this step
     epoch: int  #: epoch of this step (0-based, counted over all calls)
+
+
+class Stage(NamedTuple):
+    """A stage message of a job generator (``iter_fit``, ``iter_signatures``): what starts now.
+
+    ``name`` is ``'model'`` (``value`` is the model just built, training follows) or
+    ``'exporting'`` (training is over; ``value`` is None).
+    """
+
+    name: str
+    value: object = None
+
+
+class ConvergenceStopper:
+    """Decide when the training loss has converged.
+
+    Every ``window`` epochs, the mean loss of the last window is compared with that of the
+    window before; training stops once the relative improvement has stayed below ``rtol`` for
+    ``patience`` windows in a row, and never before ``min_epochs``.
+
+    Parameters
+    ----------
+    window : int
+        Epochs per window.
+    rtol : float
+        Relative improvement of the windowed mean loss counted as no progress.
+    patience : int
+        Windows in a row without progress before stopping.
+    min_epochs : int
+        Epochs always run.
+    """
+
+    def __init__(self, window: int = 100, rtol: float = 2e-3, patience: int = 1, min_epochs: int = 200):
+        self.window, self.rtol = int(window), float(rtol)
+        self.patience, self.min_epochs = int(patience), int(min_epochs)
+        self.rule = f"windows of {window} epochs, relative improvement < {rtol:g} for {patience} windows"
+        self._losses: list[float] = []
+        self._strikes = 0
+
+    def update(self, loss: float) -> bool:
+        """Record one epoch's loss; True when training should stop."""
+        self._losses.append(float(loss))
+        n, w = len(self._losses), self.window
+        if n % w or n < 2 * w:
+            return False
+        last = float(np.mean(self._losses[-w:]))
+        prev = float(np.mean(self._losses[-2 * w : -w]))
+        improvement = (prev - last) / max(abs(last), 1e-12)
+        self._strikes = self._strikes + 1 if improvement < self.rtol else 0
+        return n >= self.min_epochs and self._strikes >= self.patience
+
+
+def check_training_args(max_epochs: int, batch_size: int | None, train_size: float, lr: float, num_particles: int):
+    """Refuse training arguments no fit can use, with a message that names the value (:class:`InputError`)."""
+    if train_size != 1:
+        raise InputError("train_size must be 1: every observation is used for training")
+    if int(max_epochs) < 1:
+        raise InputError(f"max_epochs must be at least 1 (or None for the default), got {max_epochs}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise InputError(f"batch_size must be a positive integer or None, got {batch_size}")
+    if not float(lr) > 0:
+        raise InputError(f"lr must be positive, got {lr}")
+    if int(num_particles) < 1:
+        raise InputError(f"num_particles must be at least 1, got {num_particles}")
 
 
 class Adam:
@@ -202,13 +269,22 @@ def svi_steps(
         module.eval()
 
 
-def consume(gen: Iterator[TrainStep], progress_bar: bool = True, desc: str = "training") -> int:
-    """Run a training generator to the end, with a tqdm bar on stderr; returns the steps run."""
+def consume(gen: Iterator, progress_bar: bool = True, desc: str = "training"):
+    """Run a job generator to the end, with a tqdm bar of its :class:`TrainStep` s on stderr; returns
+    the generator's return value (a pipeline's result; None for ``iter_train``)."""
     bar = None
     steps = 0
     start = time.perf_counter()
     try:
-        for rec in gen:
+        while True:
+            try:
+                rec = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if isinstance(rec, Stage):
+                logger.info("%s: %s", desc, rec.name)
+                continue
             steps = rec.step
             if progress_bar:
                 if bar is None:
@@ -222,4 +298,4 @@ def consume(gen: Iterator[TrainStep], progress_bar: bool = True, desc: str = "tr
         if bar is not None:
             bar.close()
     logger.info("%s: %d steps in %.1f s", desc, steps, time.perf_counter() - start)
-    return steps
+    return result

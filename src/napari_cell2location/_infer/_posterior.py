@@ -5,8 +5,9 @@ Each latent site is q = T(Normal(loc, scale)) with T the bijection onto the prio
 * quantiles are exact without sampling: T(loc + scale * Phi^-1(q));
 * means and standard deviations are computed by Gauss-Hermite quadrature over the standard
   normal (64 nodes; exact to float precision for the smooth transforms used here);
-* sampling draws ``num_samples`` values per site, globals once and obs-plate sites spot batch by
-  spot batch, so memory stays bounded by ``num_samples x batch_size x width``.
+* sampling draws ``num_samples`` values per site, global sites a chunk of their elements at a
+  time and obs-plate sites spot batch by spot batch, and :class:`DrawSummaries` reduces each part
+  as it comes, so memory stays bounded by the size of one part.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 import torch
 from torch.distributions import biject_to
 
+from ..io._validate import InputError
+from ._device import to_numpy
+
 _QUANTILE = re.compile(r"^q(\d+)$")
 
 
@@ -28,6 +32,23 @@ def parse_quantile(name: str) -> float | None:
         return None
     digits = m.group(1)
     return int(digits) / 10 ** len(digits)
+
+
+def check_summaries(names, where: str) -> list[str]:
+    """``names`` as a list, refusing any that is not 'means', 'stds' or a quantile such as 'q05'.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Posterior summaries asked for.
+    where : str
+        The argument they came in (named in the message).
+    """
+    names = list(names)
+    for k in names:
+        if k not in ("means", "stds") and parse_quantile(k) is None:
+            raise InputError(f"unknown summary {k!r} in {where}; use 'means', 'stds', 'q05', 'q50', ...")
+    return names
 
 
 def sorted_quantile(sorted_samples: torch.Tensor, q: float) -> torch.Tensor:
@@ -59,7 +80,8 @@ class GuideSummary:
             self.sites[name] = biject_to(site["fn"].support)
 
     def loc_scale(self, name: str, ind=None):
-        loc, scale = self.guide._get_loc_and_scale(name)
+        """The guide's loc and (positive) scale of a site, rows ``ind`` of an obs-plate site."""
+        loc, scale = getattr(self.guide.locs, name), getattr(self.guide.scales, name)
         if ind is not None and name in self.obs_sites:
             loc, scale = loc[ind], scale[ind]
         return loc.detach(), scale.detach()
@@ -98,6 +120,19 @@ class GuideSummary:
         return transform(draws)
 
     @torch.no_grad()
+    def sample_chunks(self, name: str, num_samples: int, max_values: int):
+        """Draws of a site a chunk of its elements at a time: yields (num_samples, chunk) tensors that
+        together cover the site's elements in row-major order, each at most ``max_values`` values."""
+        loc, scale = self.loc_scale(name)
+        flat_loc, flat_scale = loc.reshape(-1), scale.reshape(-1)
+        chunk = max(1, int(max_values // num_samples))
+        transform = self.sites[name]
+        for i in range(0, flat_loc.numel(), chunk):
+            lo, sc = flat_loc[i : i + chunk], flat_scale[i : i + chunk]
+            eps = torch.randn((num_samples, lo.numel()), dtype=lo.dtype, device=lo.device)
+            yield transform(eps.mul_(sc).add_(lo))
+
+    @torch.no_grad()
     def summaries(self, names, obs_batches=None) -> dict:
         """Summaries of every site without sampling: ``{'post_sample_{name}': {site: numpy array}}``.
 
@@ -108,6 +143,7 @@ class GuideSummary:
         obs_batches : sequence of index tensors, optional
             Batches of observations for the obs-plate sites (bounded memory); default all at once.
         """
+        names = check_summaries(names, "summaries")
         out = {f"post_sample_{k}": {} for k in names}
         for site in self.sites:
             inds = list(obs_batches) if (obs_batches is not None and site in self.obs_sites) else [None]
@@ -123,8 +159,62 @@ class GuideSummary:
                     q = parse_quantile(k)
                     if q is not None:
                         parts[k].append(self.quantile(site, q, ind).cpu().numpy())
-                    elif k not in ("means", "stds"):
-                        raise ValueError(f"unknown posterior summary {k!r}")
             for k in names:
                 out[f"post_sample_{k}"][site] = np.concatenate(parts[k], axis=0)
+        return out
+
+
+class DrawSummaries:
+    """Posterior summaries of draws that arrive in parts (spot batches, chunks of a site's elements).
+
+    Parameters
+    ----------
+    summaries : sequence of str
+        'means', 'stds' (ddof 1) and quantiles such as 'q05' (linear interpolation).
+    keep_draws : bool
+        Also keep the raw draws (memory: num_samples x every site's size).
+    """
+
+    def __init__(self, summaries, keep_draws: bool = False):
+        self.summaries = check_summaries(summaries, "summaries")
+        self.quantiles = {k: parse_quantile(k) for k in self.summaries if parse_quantile(k) is not None}
+        self.parts: dict = {k: {} for k in self.summaries}
+        self.draws: dict | None = {} if keep_draws else None
+
+    def add(self, site: str, draws) -> None:
+        """Reduce one part: ``draws`` (num_samples, ...) along dim 0. The draws are sorted in place
+        (on the CPU the tensor's memory too): pass draws that are not used again."""
+        arr = to_numpy(draws)  # on the CPU a view, not a copy
+        if self.draws is not None:
+            self.draws.setdefault(site, []).append(arr.copy())
+        if "means" in self.parts:
+            self.parts["means"].setdefault(site, []).append(arr.mean(0))
+        if "stds" in self.parts:
+            self.parts["stds"].setdefault(site, []).append(arr.std(0, ddof=1))
+        if self.quantiles:
+            arr.sort(axis=0)  # one sort serves every quantile
+            for k, q in self.quantiles.items():
+                self.parts[k].setdefault(site, []).append(sorted_quantile(arr, q))
+
+    def result(self, shapes: dict | None = None) -> dict:
+        """``{'post_sample_{summary}': {site: array}}`` (and ``'posterior_samples'`` with ``keep_draws``).
+
+        Parts are joined along their first axis; a site in ``shapes`` is then reshaped to its shape
+        (its parts were flat chunks).
+        """
+        shapes = shapes or {}
+
+        def join(parts, axis):
+            return np.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+
+        out = {}
+        for k, sites in self.parts.items():
+            out[f"post_sample_{k}"] = {
+                s: join(v, 0).reshape(shapes[s]) if s in shapes else join(v, 0) for s, v in sites.items()
+            }
+        if self.draws is not None:
+            out["posterior_samples"] = {
+                s: join(v, 1).reshape((v[0].shape[0], *shapes[s])) if s in shapes else join(v, 1)
+                for s, v in self.draws.items()
+            }
         return out

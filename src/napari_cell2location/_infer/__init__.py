@@ -1,0 +1,59 @@
+"""The inference engine both models are built on (torch + pyro; no Qt, no napari).
+
+* :class:`PyroEstimator`: the base of :class:`~napari_cell2location.Cell2location` and
+  :class:`~napari_cell2location.reference.RegressionModel` (guide set-up, training, posterior
+  summaries, export, plots, saving and loading);
+* the training loop (:func:`svi_steps`, :class:`TrainStep`, :class:`ConvergenceStopper`, :func:`consume`);
+* posterior summaries of the guide (:class:`GuideSummary`, :class:`DrawSummaries`);
+* model building blocks shared by both models: :class:`Site` generators and the additive background
+  (:func:`gene_background_sites`), and the negative binomial count likelihood.
+
+These names are the package's own API between ``model/`` and ``reference/``: neither reaches into
+the other's private modules.
+"""
+
+from ._device import describe_device, json_ready, resolve_device, to_numpy
+from ._estimator import DEFAULT_SUMMARIES, PyroEstimator, aligned_order
+from ._likelihood import CountsPattern, NegativeBinomialCounts, nb_log_likelihood
+from ._posterior import DrawSummaries, GuideSummary, check_summaries, parse_quantile, sorted_quantile
+from ._sites import Site, gene_background_sites, sample_gene_background, sample_sites
+from ._training import (
+    Adam,
+    ConvergenceStopper,
+    Stage,
+    TrainStep,
+    check_training_args,
+    consume,
+    epoch_batches,
+    svi_steps,
+)
+
+__all__ = [
+    "DEFAULT_SUMMARIES",
+    "Adam",
+    "ConvergenceStopper",
+    "CountsPattern",
+    "DrawSummaries",
+    "GuideSummary",
+    "NegativeBinomialCounts",
+    "PyroEstimator",
+    "Site",
+    "Stage",
+    "TrainStep",
+    "aligned_order",
+    "check_summaries",
+    "check_training_args",
+    "consume",
+    "describe_device",
+    "epoch_batches",
+    "gene_background_sites",
+    "json_ready",
+    "nb_log_likelihood",
+    "parse_quantile",
+    "resolve_device",
+    "sample_gene_background",
+    "sample_sites",
+    "sorted_quantile",
+    "svi_steps",
+    "to_numpy",
+]

@@ -1,0 +1,521 @@
+"""The estimator both user-facing models are: a Pyro module, its AutoNormal guide and what is done with them.
+
+:class:`PyroEstimator` holds everything :class:`~napari_cell2location.Cell2location` and
+:class:`~napari_cell2location.reference.RegressionModel` have in common, so a fix to training,
+posterior summaries, export or persistence lands in one place (the split of scvi-tools' base model
+class and its Pyro train / sample mixins, and of pyro's contrib estimators: the model is a module,
+the guide an AutoNormal, the estimator owns both and validates its arguments).
+
+A subclass builds its module in ``__init__`` through :meth:`PyroEstimator._init_inference` and
+provides the model arguments of a step (:meth:`_batch_args`, :meth:`_full_args`,
+:meth:`_prototype_args`), how it is saved (:meth:`_save_attrs`, :meth:`_save_files`) and rebuilt
+(:meth:`_from_saved`), and what its public methods add to the shared ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
+from scipy import sparse
+
+from ..io._validate import InputError
+from ._device import describe_device, resolve_device, to_numpy
+from ._posterior import DrawSummaries, GuideSummary, check_summaries
+from ._training import check_training_args, consume, epoch_batches, svi_steps
+
+logger = logging.getLogger(__name__)
+
+#: summaries computed by ``export_posterior`` from samples, whatever else is asked (the original's)
+DEFAULT_SUMMARIES = ("means", "stds", "q05", "q95")
+#: values in one part of posterior draws (bounds the memory of ``sample_posterior``)
+SAMPLE_BATCH_VALUES = 2_000_000
+_DEFAULT_INIT = init_to_mean(fallback=init_to_feasible)
+
+
+def aligned_order(given, trained: pd.Index, what: str) -> np.ndarray | None:
+    """Positions in ``trained`` of the names ``given`` (None when they are the same, in order).
+
+    Raises :class:`InputError` when ``given`` does not hold exactly the ``trained`` names.
+    """
+    given = pd.Index(pd.Index(given).astype(str))
+    if given.equals(trained):
+        return None
+    if len(given) == len(trained) and set(given) == set(trained):
+        return trained.get_indexer(given)
+    raise InputError(
+        f"adata does not hold the {what} the model was trained on ({len(given)} {what} given, "
+        f"{len(trained)} trained); export into the training AnnData."
+    )
+
+
+class PyroEstimator:
+    """Base of the models: guide, training, posterior summaries, export, QC plot, save and load.
+
+    Attributes a subclass sets before :meth:`_init_inference`: ``X`` (n_obs, n_vars) counts,
+    ``n_obs``, ``n_vars``, ``n_factors``, ``n_batch``, ``obs_names``, ``var_names``,
+    ``factor_names_``, ``batch_names``.
+
+    Attributes
+    ----------
+    module : pyro.nn.PyroModule
+        The model.
+    guide : pyro.infer.autoguide.AutoNormal
+        Its mean-field posterior; parameters owned by this object (never Pyro's global store).
+    history_ : dict
+        ``{'elbo_train': DataFrame}``: the loss of each epoch.
+    samples : dict
+        Posterior summaries after ``export_posterior`` (``post_sample_means`` ...).
+    is_trained_ : bool
+        Whether any training epoch ran (or trained parameters were loaded).
+    """
+
+    #: file of the guide parameters inside a saved model's folder
+    PARAMS_FILE = "model_params.pt"
+    #: what the progress bar and the log call training
+    _PROGRESS = "training"
+    #: likely causes named when the loss becomes NaN
+    _NAN_HINT = "normalised or non-integer counts"
+    #: global sites whose whole draws :meth:`_deterministic_draws` needs (sampled jointly with the locals)
+    _DETERMINISTIC_INPUTS: tuple[str, ...] = ()
+    #: axes of the model's own panels in :meth:`plot_QC`
+    _QC_EXTRA_PANELS = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _init_inference(self, make_module, init_values: dict | None = None) -> None:
+        """Build the module (``make_module()``) and its guide with module-local parameters.
+
+        ``init_values`` (site -> array) are starting points of the guide's locs, read when the guide
+        is set up (the first training call), so they may still be added to until then.
+        """
+        with pyro.settings.context(module_local_params=True):
+            self.module = make_module()
+            self.guide = AutoNormal(
+                self.module, init_loc_fn=self._init_loc, init_scale=0.1, create_plates=self.module.create_plates
+            )
+        self.device = torch.device("cpu")
+        self._init_values: dict = dict(init_values or {})
+        self._history: list[float] = []
+        self.is_trained_ = False
+        self.samples: dict = {}
+        self._summary = None
+
+    def _init_loc(self, site):
+        if site["name"] in self._init_values:
+            value = np.asarray(self._init_values[site["name"]])
+            return torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        return _DEFAULT_INIT(site)
+
+    def _ensure_guide(self, device: torch.device) -> None:
+        """Move model and guide to ``device`` and set the guide up (no optimisation step)."""
+        self.module.to(device)
+        self.device = device
+        with pyro.settings.context(module_local_params=True):
+            if self.guide.prototype_trace is None:
+                # one call of the guide sets it up; without counts the model has no likelihood
+                with torch.no_grad(), poutine.block():
+                    self.guide(*self._prototype_args(device))
+            self.guide.to(device)
+        self._summary = None
+
+    def _batch_args(self, ind: np.ndarray, device) -> tuple:
+        """Model arguments of the observations ``ind`` (sorted)."""
+        raise NotImplementedError
+
+    def _full_args(self, device) -> tuple:
+        """Model arguments of a step on all observations."""
+        raise NotImplementedError
+
+    def _prototype_args(self, device) -> tuple:
+        """Model arguments that set the guide up: no counts (``x_data`` None)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def _svi(
+        self,
+        *,
+        max_epochs: int,
+        batch_size: int | None,
+        train_size: float,
+        lr: float,
+        num_particles: int,
+        device,
+        seed: int | None,
+        scale_elbo: float = 1.0,
+        stopper=None,
+        make_loss=None,
+        before_setup=None,
+    ):
+        """``iter_train``'s body: check the arguments, set the guide up, yield a TrainStep per step.
+
+        ``before_setup(device)`` runs before a guide that is not set up yet is (e.g. to compute
+        starting values); ``make_loss()``, called once the guide is set up, returns the step's loss
+        function (default Pyro's ``Trace_ELBO``).
+        """
+        check_training_args(max_epochs, batch_size, train_size, lr, num_particles)
+        dev = resolve_device(device)
+        if seed is not None:
+            pyro.set_rng_seed(int(seed))
+        if before_setup is not None and self.guide.prototype_trace is None:
+            before_setup(dev)
+        self._ensure_guide(dev)
+        logger.info("%s on %s", self._PROGRESS, describe_device(dev))
+        batches, steps_per_epoch = epoch_batches(
+            self.n_obs, batch_size, lambda ind: self._batch_args(ind, dev), lambda: self._full_args(dev), seed
+        )
+        n_before = len(self._history)
+        try:
+            yield from svi_steps(
+                self.module,
+                self.guide,
+                batches,
+                int(max_epochs),
+                steps_per_epoch,
+                float(lr),
+                self._history,
+                num_particles=int(num_particles),
+                scale_elbo=scale_elbo,
+                stopper=stopper,
+                nan_hint=self._NAN_HINT,
+                loss_fn=None if make_loss is None else make_loss(),
+            )
+        finally:  # also when closed early (a GUI's cancel): record whether any epoch ran
+            self.is_trained_ = self.is_trained_ or len(self._history) > n_before
+            self._summary = None
+
+    def _train_to_end(self, train_args: dict, kwargs: dict, progress_bar: bool):
+        """``train()``'s body: refuse keywords ``iter_train`` does not take beyond ``train_args``, then
+        run it to the end (a tqdm bar when ``progress_bar``); returns self."""
+        allowed = set(inspect.signature(self.iter_train).parameters) - set(train_args)
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise TypeError(f"train() got unexpected arguments {sorted(unknown)}; accepted: {sorted(allowed)}")
+        consume(self.iter_train(**train_args, **kwargs), progress_bar, self._PROGRESS)
+        return self
+
+    @property
+    def history_(self) -> dict:
+        """``{'elbo_train': DataFrame}``: the training loss (negative ELBO) of each epoch."""
+        return {"elbo_train": pd.DataFrame({"elbo_train": np.asarray(self._history, dtype=float)})}
+
+    def plot_history(self, iter_start: int = 0, iter_end: int = -1, ax=None):
+        """Plot the training loss; returns the matplotlib Axes."""
+        from ..plotting import plot_history
+
+        return plot_history(self.history_, iter_start=iter_start, iter_end=iter_end, ax=ax)
+
+    # ------------------------------------------------------------------ posterior
+    def _guide_summary(self) -> GuideSummary:
+        if self.guide.prototype_trace is None:
+            raise RuntimeError("the model has not been trained yet: call train() first")
+        if self._summary is None:
+            self._summary = GuideSummary(self.guide, self.module.list_obs_plate_vars()["sites"])
+        return self._summary
+
+    def _spot_batches(self, batch_size: int | None):
+        """Index tensors of consecutive observations, ``batch_size`` at a time (all at once for None)."""
+        size = self.n_obs if batch_size is None else max(1, int(batch_size))
+        for i in range(0, self.n_obs, size):
+            yield torch.arange(i, min(i + size, self.n_obs), device=self.device)
+
+    def _deterministic_draws(self, draws: dict) -> tuple[dict, dict]:
+        """Deterministic sites from draws of the latent ones (leading sample dimension): those in the
+        observation plate, and the global ones. ``draws`` holds one spot batch of the local sites and
+        the :attr:`_DETERMINISTIC_INPUTS`. None by default."""
+        return {}, {}
+
+    def posterior_quantile(
+        self, q: float = 0.5, batch_size: int | None = None, use_median: bool = False, exclude_vars: list | None = None
+    ) -> dict:
+        """Quantile ``q`` of every latent site, exactly from the guide (no sampling).
+
+        Parameters
+        ----------
+        q : float
+            Quantile in (0, 1).
+        batch_size : int, optional
+            Observations per batch for observation-plate sites (bounded memory).
+        use_median : bool
+            Same as ``q=0.5`` (API compatibility).
+        exclude_vars : list of str, optional
+            Sites to leave out.
+
+        Returns
+        -------
+        dict
+            site -> numpy array of the site's shape.
+        """
+        q = 0.5 if use_median else float(q)
+        if not 0 < q < 1:
+            raise ValueError(f"q must be in (0, 1), got {q}")
+        summary = self._guide_summary()
+        out = {}
+        for name in summary.sites:
+            if exclude_vars and name in exclude_vars:
+                continue
+            if name in summary.obs_sites:
+                parts = [to_numpy(summary.quantile(name, q, ind)) for ind in self._spot_batches(batch_size)]
+                out[name] = np.concatenate(parts, axis=0)
+            else:
+                out[name] = to_numpy(summary.quantile(name, q))
+        return out
+
+    def _summaries_from_guide(self, names, batch_size: int | None = None) -> dict:
+        """Means, stds (quadrature) and quantiles (exact) of the latent sites, without sampling; the
+        means of the observation-plate deterministic sites too (product of independent means)."""
+        out = self._guide_summary().summaries(names, obs_batches=list(self._spot_batches(batch_size)))
+        if "means" in names:
+            means = {k: torch.as_tensor(v, device=self.device)[None] for k, v in out["post_sample_means"].items()}
+            local, _ = self._deterministic_draws(means)
+            out["post_sample_means"].update({k: to_numpy(v[0]) for k, v in local.items()})
+        return out
+
+    def posterior_means(self) -> dict:
+        """Posterior means of every site (site -> array): those of the last export, else from the guide."""
+        if "post_sample_means" in self.samples:
+            return self.samples["post_sample_means"]
+        return self._summaries_from_guide(["means"])["post_sample_means"]
+
+    @torch.no_grad()
+    def sample_posterior(
+        self,
+        num_samples: int = 1000,
+        batch_size: int | None = None,
+        return_sites: list | None = None,
+        return_samples: bool = False,
+        summaries=DEFAULT_SUMMARIES,
+        max_values: int = SAMPLE_BATCH_VALUES,
+    ) -> dict:
+        """Draw posterior samples and summarise them part by part (bounded memory).
+
+        Global sites are drawn a chunk of their elements at a time, observation-plate sites a batch
+        of observations at a time, each part at most about ``max_values`` values.
+
+        Parameters
+        ----------
+        num_samples : int
+            Draws per site.
+        batch_size : int, optional
+            Observations per batch (default: as many as keep a batch of draws of the widest site
+            under ``max_values``).
+        return_sites : list of str, optional
+            Sites to return (default all latent and deterministic sites).
+        return_samples : bool
+            Also return the raw draws under ``'posterior_samples'`` (memory: num_samples x site size).
+        summaries : sequence of str
+            Summaries to compute: 'means', 'stds', quantiles such as 'q05'.
+        max_values : int
+            Values in one part of the draws.
+
+        Returns
+        -------
+        dict
+            ``post_sample_{summary}`` -> {site: numpy array}, and ``posterior_samples`` if asked.
+        """
+        summary = self._guide_summary()
+        num_samples = int(num_samples)
+        acc = DrawSummaries(summaries, keep_draws=return_samples)
+        wanted = set(return_sites) if return_sites else None
+
+        def keep(site):
+            return wanted is None or site in wanted
+
+        shapes, joint = {}, {}
+        for site in summary.sites:
+            if site in summary.obs_sites:
+                continue
+            if site in self._DETERMINISTIC_INPUTS:
+                joint[site] = summary.sample(site, num_samples)  # summarised once the locals have used it
+            elif keep(site):
+                shapes[site] = tuple(summary.loc_scale(site)[0].shape)
+                for part in summary.sample_chunks(site, num_samples, max_values):
+                    acc.add(site, part)
+        det_globals: dict = {}
+        if summary.obs_sites:
+            widths = self.module.list_obs_plate_vars()["sites"]
+            widest = max([*(widths.get(s, 1) for s in summary.obs_sites), self.n_factors])
+            if batch_size is None:
+                batch_size = max(1, min(self.n_obs, int(max_values // (num_samples * widest))))
+            for ind in self._spot_batches(batch_size):
+                local = {s: summary.sample(s, num_samples, ind) for s in summary.obs_sites}
+                det_local, det_globals = self._deterministic_draws({**joint, **local})
+                for site, draws in {**local, **det_local}.items():
+                    if keep(site):
+                        acc.add(site, draws)
+        for site, draws in {**joint, **det_globals}.items():
+            if keep(site):
+                acc.add(site, draws)
+        return acc.result(shapes)
+
+    # ------------------------------------------------------------------ export
+    def _export_summaries(self, add_to, where: str, use_quantiles: bool, sample_kwargs: dict | None, required=()):
+        """Compute the summaries an export writes into ``self.samples``; returns their names.
+
+        With ``use_quantiles`` the summaries asked for (and ``required``) come from the guide;
+        otherwise from samples, always with the original's :data:`DEFAULT_SUMMARIES`.
+        """
+        add_to = check_summaries(add_to, where)
+        sample_kwargs = dict(sample_kwargs or {})
+        if use_quantiles:
+            names = list(dict.fromkeys([*required, *add_to]))
+            self.samples = self._summaries_from_guide(names, batch_size=sample_kwargs.get("batch_size"))
+        else:
+            names = list(dict.fromkeys([*DEFAULT_SUMMARIES, *add_to]))
+            self.samples = self.sample_posterior(summaries=names, **sample_kwargs)
+        return names
+
+    def _export_uns(self, names, **extra) -> dict:
+        """``adata.uns[export_slot]``: model name, date, names, ``extra`` and the ``post_sample_{k}`` dicts."""
+        out = {
+            "model_name": self.module.__class__.__name__,
+            "date": str(date.today()),
+            "factor_names": np.asarray(self.factor_names_, dtype=object),
+            "var_names": np.asarray(self.var_names, dtype=object),
+            "obs_names": np.asarray(self.obs_names, dtype=object),
+            "batch_names": np.asarray(self.batch_names, dtype=object),
+            **extra,
+        }
+        for k in names:
+            out[f"post_sample_{k}"] = {s: np.asarray(v) for s, v in self.samples[f"post_sample_{k}"].items()}
+        return out
+
+    # ------------------------------------------------------------------ QC
+    def compute_expected(self, samples: dict | None = None, ind_x=None) -> dict:
+        """Expected counts ``mu`` (n_obs, n_vars) of the observations ``ind_x`` (default all)."""
+        raise NotImplementedError
+
+    def _qc_panels(self, axes, samples: dict) -> None:
+        """Draw the model's own QC panels (:attr:`_QC_EXTRA_PANELS` axes) between the reconstruction
+        and the loss; none by default."""
+
+    def plot_QC(self, summary_name: str = "means", use_n_obs: int = 1000, fig=None):
+        """QC figure: observed vs expected counts (2D histogram), the model's own panels, the loss.
+
+        Parameters
+        ----------
+        summary_name : str
+            Posterior summary the expected counts are computed from ('means', 'q05', ...).
+        use_n_obs : int
+            Observations drawn at random (seed 0) for the histogram.
+        fig : matplotlib.figure.Figure, optional
+            Figure to draw on (its axes are added); default a new figure.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        from ..plotting import plot_history, plot_reconstruction
+
+        key = f"post_sample_{summary_name}"
+        samples = self.samples.get(key) or self._summaries_from_guide([summary_name])[key]
+        rng = np.random.default_rng(0)
+        ind = np.sort(rng.choice(self.n_obs, size=min(use_n_obs, self.n_obs), replace=False))
+        mu = self.compute_expected(samples, ind_x=ind)["mu"]
+        x = self.X[ind]
+        x = x.toarray() if sparse.issparse(x) else np.asarray(x)
+        n_panels = 2 + self._QC_EXTRA_PANELS
+        if fig is None:
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=(4.7 * n_panels, 4))
+        axes = fig.subplots(1, n_panels)
+        plot_reconstruction(x, mu, ax=axes[0])
+        self._qc_panels(axes[1:-1], samples)
+        plot_history(self.history_, ax=axes[-1])
+        fig.tight_layout()
+        return fig
+
+    # ------------------------------------------------------------------ persistence
+    def _save_attrs(self) -> dict:
+        """What :meth:`_from_saved` needs to rebuild the model (JSON-ready)."""
+        raise NotImplementedError
+
+    def _save_files(self, path: Path) -> None:
+        """Files of the model besides the guide and ``attr.json`` (none by default)."""
+
+    @classmethod
+    def _from_saved(cls, path: Path, attrs: dict, adata):
+        """An untrained model rebuilt from a saved folder for ``adata`` (checked to match)."""
+        raise NotImplementedError
+
+    def save(self, dir_path, overwrite: bool = False, save_anndata: bool = False) -> Path:
+        """Save parameters, settings and history to ``dir_path`` (re-load with :meth:`load`).
+
+        Parameters
+        ----------
+        dir_path : str or path
+            Folder to write.
+        overwrite : bool
+            Replace an existing folder's model files.
+        save_anndata : bool
+            Also write the training AnnData as ``adata.h5ad``.
+
+        Returns
+        -------
+        pathlib.Path
+            The folder.
+        """
+        path = Path(dir_path)
+        if (path / "attr.json").exists() and not overwrite:
+            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
+        if self.guide.prototype_trace is None:
+            raise RuntimeError("nothing to save: the model has not been trained")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.guide.state_dict().items()}
+        torch.save({"guide": state}, path / self.PARAMS_FILE)
+        with open(path / "attr.json", "w") as fh:
+            json.dump({**self._save_attrs(), "history": list(self._history)}, fh)
+        self._save_files(path)
+        if save_anndata:
+            self.adata.write_h5ad(path / "adata.h5ad")
+        logger.info("saved %s to %s", type(self).__name__, path)
+        return path
+
+    @classmethod
+    def load(cls, dir_path, adata=None, device: str = "cpu"):
+        """Load a model saved with :meth:`save`; no training step is run.
+
+        Parameters
+        ----------
+        dir_path : str or path
+            Folder written by :meth:`save`.
+        adata : anndata.AnnData, optional
+            The data it was trained on (same observations and genes); default ``adata.h5ad`` in the
+            folder.
+        device : str
+            Where to put the parameters.
+        """
+        path = Path(dir_path)
+        if not (path / "attr.json").exists():
+            raise FileNotFoundError(f"{path} does not hold a saved {cls.__name__} (no attr.json)")
+        with open(path / "attr.json") as fh:
+            attrs = json.load(fh)
+        if adata is None:
+            if not (path / "adata.h5ad").exists():
+                raise InputError(f"pass adata: {path} has no saved AnnData")
+            import anndata
+
+            adata = anndata.read_h5ad(path / "adata.h5ad")
+        obj = cls._from_saved(path, attrs, adata)
+        obj._ensure_guide(resolve_device(device))
+        state = torch.load(path / obj.PARAMS_FILE, map_location=obj.device, weights_only=True)
+        obj.guide.load_state_dict(state["guide"])
+        obj._history = [float(v) for v in attrs["history"]]
+        obj.is_trained_ = True
+        return obj
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.module.__class__.__name__}, n_obs={self.n_obs}, n_vars={self.n_vars}, "
+            f"n_factors={self.n_factors}, n_batch={self.n_batch}, trained={self.is_trained_})"
+        )
