@@ -35,9 +35,58 @@ def make_tiny(n_obs=60, n_vars=80, n_factors=4, n_batch=2, seed=0):
     return adata, signatures, w
 
 
+def make_reference(n_cells=90, n_genes=40, n_types=3, seed=0):
+    """Small labelled single-cell reference: Poisson counts of ``n_types`` types (obs 'ct', 'batch')."""
+    import anndata
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    sig = rng.gamma(0.8, 2.0, size=(n_types, n_genes))
+    labels = rng.integers(0, n_types, n_cells)
+    X = rng.poisson(sig[labels]).astype(np.float32)
+    ad = anndata.AnnData(sparse.csr_matrix(X))
+    ad.obs_names = [f"cell_{i}" for i in range(n_cells)]
+    ad.var_names = [f"g{i}" for i in range(n_genes)]
+    ad.obs["ct"] = pd.Categorical([f"T{t}" for t in labels])
+    ad.obs["batch"] = pd.Categorical([f"b{i % 2}" for i in range(n_cells)])
+    return ad
+
+
 @pytest.fixture
 def tiny():
     return make_tiny()
+
+
+@pytest.fixture(name="make_tiny")
+def _make_tiny_factory():
+    """The :func:`make_tiny` factory, for tests that need tiny data of another size or seed."""
+    return make_tiny
+
+
+@pytest.fixture
+def small_reference():
+    """A fresh :func:`make_reference` (90 cells x 40 genes, 3 types in obs 'ct')."""
+    return make_reference()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """Path of the shared data folder (``../shared/data`` next to the repository; it may be absent)."""
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_path(shared_data):
+    """``shared_path(*parts, reason=...)``: a path inside the shared data folder; skips the test when
+    that path is absent."""
+
+    def get(*parts, reason="shared data folder not present"):
+        path = os.path.join(shared_data, *parts)
+        if not os.path.exists(path):
+            pytest.skip(reason)
+        return path
+
+    return get
 
 
 @pytest.fixture(autouse=True)

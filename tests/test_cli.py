@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import anndata
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, make_tiny
 from napari_cell2location._cli import main
 
 
 @pytest.fixture
-def files(tmp_path):
+def files(tmp_path, make_tiny):
     adata, sig, _ = make_tiny(n_obs=50, n_vars=60, n_factors=3)
     spatial = tmp_path / "spatial.h5ad"
     adata.write_h5ad(spatial)
@@ -179,17 +176,14 @@ def test_demo_headless(tmp_path, capsys):
     assert "Pearson r" in capsys.readouterr().out
 
 
-EMBRYO = os.path.join(SHARED_DATA, "mouse_embryo_cytassist")
-
-
-@pytest.mark.skipif(not os.path.isdir(EMBRYO), reason="shared data folder not present")
-def test_fit_spaceranger_folder_writes_contract_keys(tmp_path):
+def test_fit_spaceranger_folder_writes_contract_keys(tmp_path, shared_path):
     """`fit` reads a Space Ranger folder (.mtx matrix) through io.read_spatial, as File > Open does."""
+    embryo = shared_path("mouse_embryo_cytassist")
     import pandas as pd
 
     from napari_cell2location.io import read_spaceranger
 
-    adata = read_spaceranger(EMBRYO)
+    adata = read_spaceranger(embryo)
     totals = np.asarray(adata.X.sum(0)).ravel()
     genes = adata.var_names[np.sort(np.argsort(-totals)[:300])]  # 300 well-expressed genes, in data order
     # three "cell types": mean expression of the spots in three bands across the section
@@ -200,7 +194,7 @@ def test_fit_spaceranger_folder_writes_contract_keys(tmp_path):
     sig_path = tmp_path / "sig.csv"
     sig.to_csv(sig_path)
     out = tmp_path / "res.h5ad"
-    args = ["fit", EMBRYO, "--signatures", str(sig_path), "--out", str(out)]
+    args = ["fit", embryo, "--signatures", str(sig_path), "--out", str(out)]
     assert main([*args, "--max-epochs", "20", "--quiet", "--device", "cpu"]) == 0
 
     res = anndata.read_h5ad(out)

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA
 from napari_cell2location.io import read_signatures, read_spaceranger, read_spatial, spatial_format, write_results
 
 GENES = [f"Gene{i}" for i in range(6)]
@@ -231,14 +230,11 @@ def test_read_spatial_bad_paths(tmp_path):
         read_spatial(tmp_path / "broken.zarr")
 
 
-EMBRYO = os.path.join(SHARED_DATA, "mouse_embryo_cytassist")
-
-
-@pytest.mark.skipif(not os.path.isdir(EMBRYO), reason="shared data folder not present")
-def test_read_spatial_spaceranger_folder_as_read_spaceranger():
+def test_read_spatial_spaceranger_folder_as_read_spaceranger(shared_path):
     """read_spatial reads a Space Ranger folder (.mtx matrix) into the AnnData read_spaceranger builds."""
-    ref = read_spaceranger(EMBRYO)
-    adata, sdata = read_spatial(EMBRYO)
+    embryo = shared_path("mouse_embryo_cytassist")
+    ref = read_spaceranger(embryo)
+    adata, sdata = read_spatial(embryo)
     assert sdata is None
     assert adata.shape == ref.shape == (2898, 19465)
     assert list(adata.obs_names) == list(ref.obs_names)
@@ -269,7 +265,8 @@ def test_read_spatial_broken_spaceranger_folders(tmp_path):
         read_spatial(outs)
 
 
-def test_spatial_format(tmp_path):
+def test_spatial_format(tmp_path, shared_data):
+    embryo = os.path.join(shared_data, "mouse_embryo_cytassist")
     adata = _results_adata()
     write_results(adata, tmp_path / "spots.h5ad")
     write_results(adata, tmp_path / "spots.zarr")
@@ -282,8 +279,8 @@ def test_spatial_format(tmp_path):
     assert spatial_format(tmp_path / "spots.zarr") == "zarr"
     assert spatial_format(tmp_path / "missing.h5ad") is None
     assert spatial_format(tmp_path) is None
-    if os.path.isdir(EMBRYO):
-        assert spatial_format(EMBRYO) == "spaceranger"
+    if os.path.isdir(embryo):
+        assert spatial_format(embryo) == "spaceranger"
 
 
 # --------------------------------------------------------------------------------------------

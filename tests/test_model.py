@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny
 from napari_cell2location import Cell2location
 from napari_cell2location.io import InputError
 from napari_cell2location.model import (
@@ -239,7 +238,7 @@ def test_bad_training_arguments(tiny):
         Cell2location(adata, sig, N_cells=3)
 
 
-def test_two_fits_in_one_process_do_not_interfere(tiny):
+def test_two_fits_in_one_process_do_not_interfere(tiny, make_tiny):
     import pyro
 
     adata, sig, _ = tiny
@@ -277,7 +276,7 @@ def test_quantiles_from_guide_agree_with_samples(tiny):
     assert u.shape == (adata.n_obs, sig.shape[1])
 
 
-def test_export_contract(tiny, tmp_path):
+def test_export_contract(tiny, tmp_path, make_tiny):
     import anndata
 
     adata, sig, _ = tiny

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 from scipy.spatial import cKDTree
 
-from conftest import SHARED_DATA
 from napari_cell2location import nuclei
 from napari_cell2location.datasets import synthetic_visium
 
@@ -262,11 +261,7 @@ def test_nuclei_core_imports_no_qt_napari_or_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-MOUSE_BRAIN = os.path.join(SHARED_DATA, "mouse_brain_hippocampus")
-
-
-@pytest.mark.skipif(not os.path.isdir(MOUSE_BRAIN), reason="shared mouse brain data not present")
-def test_real_mouse_brain_lowres(caplog):
+def test_real_mouse_brain_lowres(caplog, shared_path):
     """Real V1_Adult_Mouse_Brain lowres H&E (12 µm/px): detection runs and counts land on the spots.
 
     At this resolution single nuclei are not resolved (the detector warns); what it finds are
@@ -274,13 +269,14 @@ def test_real_mouse_brain_lowres(caplog):
     """
     import json
 
+    mouse_brain = shared_path("mouse_brain_hippocampus", reason="shared mouse brain data not present")
     anndata = pytest.importorskip("anndata")
     from skimage.io import imread
 
-    img = imread(os.path.join(MOUSE_BRAIN, "derived", "tissue_lowres_image.png"))[..., :3]
-    with open(os.path.join(MOUSE_BRAIN, "giotto", "scalefactors_json.json")) as fh:
+    img = imread(os.path.join(mouse_brain, "derived", "tissue_lowres_image.png"))[..., :3]
+    with open(os.path.join(mouse_brain, "giotto", "scalefactors_json.json")) as fh:
         sf = json.load(fh)
-    adata = anndata.read_h5ad(os.path.join(MOUSE_BRAIN, "derived", "visium_dg_giotto.h5ad"))
+    adata = anndata.read_h5ad(os.path.join(mouse_brain, "derived", "visium_dg_giotto.h5ad"))
     centres, radius = nuclei.spots_in_image(
         adata.obsm["spatial"], sf["tissue_lowres_scalef"], sf["spot_diameter_fullres"]
     )

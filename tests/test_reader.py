@@ -8,17 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA
 from napari_cell2location._reader import napari_get_reader
 from napari_cell2location.io import read_spaceranger
 
-EMBRYO = os.path.join(SHARED_DATA, "mouse_embryo_cytassist")
-BRAIN_H5AD = os.path.join(SHARED_DATA, "mouse_brain_hippocampus", "derived", "visium_hippocampus_spacexr.h5ad")
-GIOTTO_H5AD = os.path.join(SHARED_DATA, "mouse_brain_hippocampus", "derived", "visium_dg_giotto.h5ad")
-LYMPH_H5AD = os.path.join(SHARED_DATA, "human_lymph_node_rctd", "derived", "visium_lymph_node_1000spots.h5ad")
-REFERENCE_H5AD = os.path.join(SHARED_DATA, "mouse_brain_hippocampus", "derived", "reference_dropviz_hippocampus.h5ad")
-
-needs_data = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="shared data folder not present")
+# files of the shared data folder (tests that read them skip when it is absent: fixture shared_path)
+EMBRYO = "mouse_embryo_cytassist"
+BRAIN_H5AD = os.path.join("mouse_brain_hippocampus", "derived", "visium_hippocampus_spacexr.h5ad")
+GIOTTO_H5AD = os.path.join("mouse_brain_hippocampus", "derived", "visium_dg_giotto.h5ad")
+LYMPH_H5AD = os.path.join("human_lymph_node_rctd", "derived", "visium_lymph_node_1000spots.h5ad")
+REFERENCE_H5AD = os.path.join("mouse_brain_hippocampus", "derived", "reference_dropviz_hippocampus.h5ad")
 
 
 def _read(path):
@@ -52,9 +50,9 @@ def _tissue_score(image):
     return (255 - grey) + sat
 
 
-@needs_data
-def test_spaceranger_mtx_folder_spots_on_tissue():
-    images, (yx, kwargs, _) = _read(EMBRYO)
+def test_spaceranger_mtx_folder_spots_on_tissue(shared_path):
+    embryo = shared_path(EMBRYO)
+    images, (yx, kwargs, _) = _read(embryo)
     assert len(images) == 1
     image, ikw, _ = images[0]
     assert image.shape == (600, 600, 3) and ikw["rgb"]
@@ -63,7 +61,7 @@ def test_spaceranger_mtx_folder_spots_on_tissue():
     assert adata.shape == (2898, 19465) and (adata.obs["in_tissue"] == 1).all()
     assert kwargs["size"] == pytest.approx(14.9649, rel=1e-3)
     # the positions file also has the 2094 off-tissue spots: compare the image under both sets
-    pos = pd.read_csv(os.path.join(EMBRYO, "spatial", "tissue_positions.csv"))
+    pos = pd.read_csv(os.path.join(embryo, "spatial", "tissue_positions.csv"))
     off = pos.loc[pos["in_tissue"] == 0, ["pxl_row_in_fullres", "pxl_col_in_fullres"]].to_numpy(float)
     score = _tissue_score(image)
     on_score = _sample(score, _image_pixels(yx, ikw))
@@ -74,11 +72,11 @@ def test_spaceranger_mtx_folder_spots_on_tissue():
     assert np.median(_sample(score, _image_pixels(yx, wrong))) < np.median(on_score) - 20
 
 
-@needs_data
-@pytest.mark.parametrize("path", [BRAIN_H5AD, GIOTTO_H5AD])
-def test_scanpy_h5ad_lowres_spots_on_tissue(path):
+@pytest.mark.parametrize("name", [BRAIN_H5AD, GIOTTO_H5AD], ids=os.path.basename)
+def test_scanpy_h5ad_lowres_spots_on_tissue(name, shared_path):
     from skimage.filters import threshold_otsu
 
+    path = shared_path(name)
     images, (yx, kwargs, _) = _read(path)
     image, ikw, _ = images[0]
     assert image.shape == (600, 576, 3)
@@ -108,19 +106,17 @@ def test_scanpy_h5ad_lowres_spots_on_tissue(path):
         assert r(wrong) < r(yx) - 0.3
 
 
-@needs_data
-def test_h5ad_without_image_opens_spots_only():
-    images, (yx, kwargs, _) = _read(LYMPH_H5AD)
+def test_h5ad_without_image_opens_spots_only(shared_path):
+    images, (yx, kwargs, _) = _read(shared_path(LYMPH_H5AD))
     assert images == []
     assert yx.shape == (1000, 2)
     # 0.55 x the lattice pitch (~138 px = 100 µm)
     assert 70 < kwargs["size"] < 80
 
 
-@needs_data
-def test_reference_h5ad_is_not_claimed():
-    assert napari_get_reader(REFERENCE_H5AD) is None
-    assert napari_get_reader(os.path.join(SHARED_DATA, "mouse_brain_hippocampus")) is None
+def test_reference_h5ad_is_not_claimed(shared_path):
+    assert napari_get_reader(shared_path(REFERENCE_H5AD)) is None
+    assert napari_get_reader(shared_path("mouse_brain_hippocampus")) is None
 
 
 def _write_10x_h5(adata, path):
@@ -139,18 +135,18 @@ def _write_10x_h5(adata, path):
         feats["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
 
 
-@needs_data
-def test_spaceranger_h5_and_old_positions_list(tmp_path):
+def test_spaceranger_h5_and_old_positions_list(tmp_path, shared_path):
     """The old layout (header-less tissue_positions_list.csv, .h5 matrix) inside outs/ reads the same."""
-    ref = read_spaceranger(EMBRYO)
+    embryo = shared_path(EMBRYO)
+    ref = read_spaceranger(embryo)
     outs = tmp_path / "sample" / "outs"
     (outs / "spatial").mkdir(parents=True)
     sub = ref[:, :500].copy()
     _write_10x_h5(sub, outs / "filtered_feature_bc_matrix.h5")
-    pos = pd.read_csv(os.path.join(EMBRYO, "spatial", "tissue_positions.csv"))
+    pos = pd.read_csv(os.path.join(embryo, "spatial", "tissue_positions.csv"))
     pos.to_csv(outs / "spatial" / "tissue_positions_list.csv", header=False, index=False)
     for name in ("scalefactors_json.json", "tissue_lowres_image.png"):
-        shutil.copy(os.path.join(EMBRYO, "spatial", name), outs / "spatial" / name)
+        shutil.copy(os.path.join(embryo, "spatial", name), outs / "spatial" / name)
     images, (yx, kwargs, _) = _read(tmp_path / "sample")  # the parent of outs/
     adata = kwargs["metadata"]["cell2location"].adata
     assert adata.shape == (2898, 500)
@@ -263,7 +259,7 @@ def test_same_gap_for_libraries_and_datasets(tmp_path):
     np.testing.assert_allclose(one[1][1]["affine"], two[2][1]["affine"])  # B's image placed the same
 
 
-def test_viewer_open_with_plugin(make_napari_viewer, tmp_path):
+def test_viewer_open_with_plugin(make_napari_viewer, tmp_path, shared_data):
     pytest.importorskip("pytestqt")
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         pytest.skip("images need OpenGL (use xvfb-run)")
@@ -275,6 +271,7 @@ def test_viewer_open_with_plugin(make_napari_viewer, tmp_path):
     viewer.open(str(path), plugin="napari-cell2location")
     kinds = sorted(type(layer).__name__ for layer in viewer.layers)
     assert kinds == ["Image", "Points"]
-    if os.path.isdir(EMBRYO):
-        viewer.open(EMBRYO, plugin="napari-cell2location")
+    embryo = os.path.join(shared_data, EMBRYO)
+    if os.path.isdir(embryo):
+        viewer.open(embryo, plugin="napari-cell2location")
         assert len(viewer.layers) == 4
