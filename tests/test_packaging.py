@@ -136,19 +136,93 @@ def test_wheel_ships_manifest_and_npe2_finds_it(tmp_path):
             assert Path(out[key]).is_relative_to(target), out
 
 
+#: every module of the core (no Qt, no napari): the GUI lives in _qt/ and the npe2 hooks only
+CORE_MODULES = [
+    "napari_cell2location",
+    "napari_cell2location.datasets",
+    "napari_cell2location.io",
+    "napari_cell2location.model",
+    "napari_cell2location.nuclei",
+    "napari_cell2location.reference",
+    "napari_cell2location.plotting",
+    "napari_cell2location._layers",
+    "napari_cell2location._infer",
+    "napari_cell2location._contract",
+    "napari_cell2location._variants",
+    "napari_cell2location._cli",
+]
+GUI_MODULES = ["qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "PySide2", "PySide6", "vispy"]
+
+
+def _gui_modules_loaded(code: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter; returns the JSON it prints last, with ``gui``: the GUI
+    modules then in ``sys.modules``."""
+    code = textwrap.dedent(code) + textwrap.dedent(
+        f"""
+        import json as _json, sys as _sys
+        _out = globals().get("out", {{}})
+        _out["gui"] = sorted(m for m in {GUI_MODULES!r} if m in _sys.modules)
+        print(_json.dumps(_out))
+        """
+    )
+    return json.loads(_run_python(code, env=env).strip().splitlines()[-1])
+
+
 def test_core_imports_without_qt_or_napari():
-    code = """
-        import json, sys
-        import napari_cell2location
-        import napari_cell2location.datasets
-        import napari_cell2location.io
-        import napari_cell2location.model
+    code = f"""
+        import importlib, sys
+        for name in {CORE_MODULES!r}:
+            importlib.import_module(name)
         from napari_cell2location import Cell2location  # noqa: F401
-        gui = ["qtpy", "napari", "magicgui", "PyQt6", "PyQt5", "PySide2", "PySide6", "vispy"]
-        print(json.dumps(sorted(m for m in gui if m in sys.modules)))
+        import napari_cell2location._cli
+        parser = napari_cell2location._cli.build_parser()
+        out = {{
+            "imported": [name for name in {CORE_MODULES!r} if name in sys.modules],
+            "fit": vars(parser.parse_args(["fit", "a.h5ad", "--signatures", "s.csv", "--out", "o.h5ad"])),
+        }}
     """
-    loaded = json.loads(_run_python(code).strip().splitlines()[-1])
-    assert loaded == [], f"importing the core pulled in GUI modules: {loaded}"
+    out = _gui_modules_loaded(code)
+    assert out["imported"] == CORE_MODULES
+    assert out["fit"]["command"] == "fit" and out["fit"]["spatial"] == "a.h5ad" and out["fit"]["model"] == "main"
+    assert out["gui"] == [], f"importing the core pulled in GUI modules: {out['gui']}"
+
+
+def test_cli_import_does_not_import_napari():
+    """The GUI demo is behind a lazy import: the command line module alone loads no GUI."""
+    out = _gui_modules_loaded(
+        """
+        import sys
+        import napari_cell2location._cli
+        out = {"cli": "napari_cell2location._cli" in sys.modules}
+        """
+    )
+    assert out == {"cli": True, "gui": []}
+
+
+def test_cli_fit_runs_headless_without_gui(tmp_path, make_tiny):
+    """`napari-cell2location fit` on an .h5ad and a signatures CSV, in a fresh interpreter: exit status
+    0, results written, and no GUI module imported on the way."""
+    import anndata
+
+    adata, sig, _ = make_tiny(n_obs=30, n_vars=50, n_factors=3)
+    spatial, sig_path, result = tmp_path / "spatial.h5ad", tmp_path / "sig.csv", tmp_path / "res.h5ad"
+    adata.write_h5ad(spatial)
+    sig.to_csv(sig_path)
+    argv = ["fit", str(spatial), "--signatures", str(sig_path), "--out", str(result)]
+    argv += ["--max-epochs", "2", "--quiet", "--device", "cpu"]
+    out = _gui_modules_loaded(
+        f"""
+        from napari_cell2location._cli import main
+        out = {{"rc": main({argv!r})}}
+        """,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out["rc"] == 0
+    assert out["gui"] == [], f"the headless CLI pulled in GUI modules: {out['gui']}"
+    res = anndata.read_h5ad(result)
+    assert list(res.obs_names) == list(adata.obs_names)
+    for k in ("means", "stds", "q05", "q95"):
+        assert list(res.obsm[f"{k}_cell_abundance_w_sf"].columns) == [f"{k}cell_abundance_w_sf_{t}" for t in sig.columns]
 
 
 def test_package_import_is_light():
