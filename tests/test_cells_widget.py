@@ -140,8 +140,8 @@ def test_manual_protocol_counts_selected_spots_only(make_napari_viewer, section)
     assert est.n_spots == len(chosen) and est.value == pytest.approx(true[chosen].mean(), rel=0.1)
     assert w.use_mean_button.enabled and not w.use_per_spot_button.enabled
     sent = []
-    w.n_cells_chosen.connect(sent.append)
-    assert w.use_mean() == pytest.approx(est.value)  # no Fit widget: the value goes out by the signal
+    w.state.n_cells_changed.connect(sent.append)
+    assert w.use_mean() == pytest.approx(est.value)  # no Fit widget: the value goes into the shared state
     assert sent == [pytest.approx(est.value)]
     assert w.use_per_spot() is None
 
@@ -156,11 +156,11 @@ def test_buttons_set_the_fit_widget_of_the_dock(make_napari_viewer, qtbot, secti
     assert dock.tabs.indexOf(dock._pages["Cells per spot"]) >= 0
     _detect(w, qtbot)
     w.use_per_spot_button.clicked.emit()
-    per_spot = dock.fit.settings()["N_cells_per_location"]
+    per_spot = dock.fit.settings().n_cells_per_location
     assert isinstance(per_spot, np.ndarray) and np.allclose(per_spot, w.estimate.per_spot)
     assert dock.tabs.currentWidget() is dock._pages["Fit"]
     w.use_mean_button.clicked.emit()
-    assert dock.fit.settings()["N_cells_per_location"] == pytest.approx(w.estimate.value, abs=0.01)
+    assert dock.fit.settings().n_cells_per_location == pytest.approx(w.estimate.value, abs=0.01)
 
 
 def test_cancel_stops_detection(make_napari_viewer, qtbot, section):

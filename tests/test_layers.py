@@ -9,17 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_cell2location._contract import EXPORTED_SUMMARIES as STATS
 from napari_cell2location._layers import (
-    STATS,
     abundance_features,
     cell_types,
     composite_colors,
     feature_name,
     robust_limits,
     spot_features,
-    spot_qc,
     value_colors,
 )
+from napari_cell2location.model import spot_qc
 
 
 def _fitted_like(n=50, types=("A", "B", "C"), seed=0):

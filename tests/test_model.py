@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from napari_cell2location import Cell2location
+from napari_cell2location._infer._likelihood import CountsPattern, NegativeBinomialCounts
 from napari_cell2location.io import InputError
 from napari_cell2location.model import (
     LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel as MainModel,
@@ -18,7 +19,6 @@ from napari_cell2location.model import (
 from napari_cell2location.model import (
     LocationModelMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel as NoFact,
 )
-from napari_cell2location._infer._likelihood import CountsPattern, NegativeBinomialCounts
 
 
 def fitted(adata, sig, steps=30, **kwargs):

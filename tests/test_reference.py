@@ -15,10 +15,10 @@ import pytest
 import torch
 from scipy import sparse
 
+from napari_cell2location._infer._likelihood import NegativeBinomialCounts
 from napari_cell2location.datasets import synthetic_visium
 from napari_cell2location.io import InputError, read_signatures
 from napari_cell2location.model import TrainStep
-from napari_cell2location._infer._likelihood import NegativeBinomialCounts
 from napari_cell2location.reference import (
     RegressionBackgroundDetectionTechPyroModel,
     RegressionModel,

@@ -72,9 +72,9 @@ def test_average_then_save_and_hand_over(widget, ref_path, qtbot, tmp_path):
     from napari_cell2location._qt import DataWidget
     from napari_cell2location.reference import cluster_average_signatures
 
-    data = DataWidget(viewer)  # registers itself in the viewer's session
+    data = DataWidget(viewer)  # shares the viewer's state with the Reference widget
     got = []
-    w.signatures_ready.connect(got.append)
+    data.state.data_changed.connect(lambda: got.append(data.state.signatures))
     w.open_reference(path=ref_path)
     w.filter.value = False
     w.method.value = "cluster averages (fast)"
@@ -85,7 +85,7 @@ def test_average_then_save_and_hand_over(widget, ref_path, qtbot, tmp_path):
     expected = cluster_average_signatures(w.adata, "cell_type")
     pd.testing.assert_frame_equal(w.signatures, expected)
     assert len(got) == 1 and got[0] is w.signatures
-    assert data.session.signatures is w.signatures and "cluster averages" in data.session.signatures_source
+    assert data.state.signatures is w.signatures and "cluster averages" in data.state.signatures_source
     out = w.save(path=tmp_path / "sig.csv")
     back = pd.read_csv(out, index_col=0)
     np.testing.assert_allclose(back.to_numpy(), expected.to_numpy())
@@ -108,7 +108,8 @@ def test_regression_in_worker_with_progress(widget, ref_path, qtbot):
     assert w.signatures.shape == (30, 3) and np.isfinite(w.signatures.to_numpy()).all()
     assert "means_per_cluster_mu_fg" in w.model.adata.varm
     assert w.save_button.enabled and w.send_button.enabled
-    assert not w.send_to_fit(quiet=True)  # no Data widget in this viewer: nothing to hand to
+    # no Data widget in this viewer: the signatures wait in the viewer's state for the Data and Fit tabs
+    assert w.send_to_fit(quiet=True) and w.state.signatures is w.signatures
 
 
 def test_cancel_stops_between_steps(widget, ref_path, qtbot):

@@ -12,7 +12,7 @@ pytest.importorskip("pytestqt")
 
 from napari.utils.notifications import notification_manager  # noqa: E402
 
-from napari_cell2location._layers import CONTEXT_KEY, feature_name  # noqa: E402
+from napari_cell2location._layers import CONTEXT_KEY, HOVER_ALWAYS, feature_name, feature_table  # noqa: E402
 from napari_cell2location._qt import Cell2locationDock  # noqa: E402
 from napari_cell2location._sample_data import synthetic_section_layers  # noqa: E402
 
@@ -74,7 +74,7 @@ def test_data_widget_picks_sample_and_bundled_signatures(setup):
     assert d == {"spots": N_SPOTS, "genes": N_GENES, "cell_types": N_TYPES, "shared_genes": N_GENES, "batches": 2}
     assert f"{N_SPOTS} spots" in dock.data.summary.value and f"genes shared: {N_GENES}" in dock.data.summary.value
     assert dock.fit.run_button.enabled
-    assert dock.fit.settings()["max_epochs"] is None  # default: fast mode, stops when converged
+    assert dock.fit.settings().max_epochs is None  # default: fast mode, stops when converged
 
 
 def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_path):
@@ -91,15 +91,18 @@ def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_pat
 
     results = viewer.layers["cell abundance"]
     types = [f"Type_{i:02d}" for i in range(N_TYPES)]
+    table = feature_table(results)  # every statistic of every cell type, and the QC
     for stat in ("means", "stds", "q05", "q50", "q95"):
         for ct in types:
-            assert feature_name(stat, ct) in results.features
+            assert feature_name(stat, ct) in table
     for col in ("total_counts", "total_cells", "detection_y_s", "reconstruction_r"):
-        assert col in results.features
+        assert col in table
+    # the layer's features (napari's hover text) hold the barcode, what colours it and a few QC values
+    assert list(results.features.columns) == ["barcode", feature_name("q05", types[0]), *HOVER_ALWAYS[1:]]
     assert len(results.data) == N_SPOTS
     np.testing.assert_allclose(results.data, viewer.layers["synthetic section"].data)
     # the table holds cell2location's keys
-    adata = dock.session.context().adata
+    adata = dock.state.context().adata
     assert "q05_cell_abundance_w_sf" in adata.obsm and "mod" in adata.uns
     assert list(adata.obsm["q05_cell_abundance_w_sf"].columns)[0] == "q05cell_abundance_w_sf_Type_00"
 
@@ -115,7 +118,7 @@ def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_pat
     # expected colours: robust-limited magma of that feature
     from napari_cell2location._layers import robust_limits, value_colors
 
-    v = results.features[feature_name("q05", types[1])].to_numpy()
+    v = table[feature_name("q05", types[1])].to_numpy()
     np.testing.assert_allclose(c1, value_colors(v, "magma", robust_limits(v)), atol=1e-6)
     res.show(types[1], "q95")
     assert not np.allclose(results.face_color, c1)
@@ -159,7 +162,7 @@ def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_pat
     feats = layers[-1][1]["features"]
     assert feature_name("q05", types[0]) in feats
     np.testing.assert_allclose(
-        feats[feature_name("q05", types[0])].to_numpy(), results.features[feature_name("q05", types[0])], rtol=1e-5
+        feats[feature_name("q05", types[0])].to_numpy(), table[feature_name("q05", types[0])], rtol=1e-5
     )
 
 
@@ -187,13 +190,13 @@ def test_cancel_stops_worker_and_viewer_responds(setup, qtbot):
 
 def test_bad_reference_notifies_and_changes_nothing(setup, tmp_path):
     viewer, dock = setup
-    before = dock.session.signatures
+    before = dock.state.signatures
     summary = dock.data.summary.value
     bad = tmp_path / "bad.csv"
     bad.write_text("gene,TypeA\nG1,abc\nG2,def\n")
     n0 = len(notification_manager.records)
     assert dock.data.load_reference(path=bad) is False
-    assert dock.session.signatures is before
+    assert dock.state.signatures is before
     assert dock.data.summary.value == summary
     msgs = _notifications_since(n0)
     assert msgs and "bad.csv" in msgs[-1] and "non-numeric" in msgs[-1]
@@ -202,16 +205,16 @@ def test_bad_reference_notifies_and_changes_nothing(setup, tmp_path):
     other = tmp_path / "sig.xlsx"
     other.write_text("x")
     assert dock.data.load_reference(path=other) is False
-    assert dock.session.signatures is before
+    assert dock.state.signatures is before
 
 
 def test_good_reference_csv_and_set_signatures(setup, tmp_path):
     viewer, dock = setup
-    sig = dock.session.signatures.iloc[:30, :3] * 2
+    sig = dock.state.signatures.iloc[:30, :3] * 2
     path = tmp_path / "sig.csv"
     sig.to_csv(path)
     assert dock.data.load_reference(path=path)
-    assert dock.session.signatures.shape == (30, 3)
+    assert dock.state.signatures.shape == (30, 3)
     assert dock.data.describe()["shared_genes"] == 30
     dock.data.set_signatures(sig.iloc[:, :2], source="other widget")
     assert dock.data.describe()["cell_types"] == 2 and "other widget" in dock.data.summary.value
@@ -220,17 +223,17 @@ def test_good_reference_csv_and_set_signatures(setup, tmp_path):
 def test_set_n_cells_per_location(setup):
     viewer, dock = setup
     dock.fit.set_n_cells_per_location(5.0)
-    assert dock.fit.settings()["N_cells_per_location"] == 5.0
+    assert dock.fit.settings().n_cells_per_location == 5.0
     per_spot = np.linspace(3, 9, N_SPOTS)
     dock.fit.set_n_cells_per_location(per_spot)
-    s = dock.fit.settings()["N_cells_per_location"]
+    s = dock.fit.settings().n_cells_per_location
     assert isinstance(s, np.ndarray) and s.shape == (N_SPOTS,)
     assert dock.fit.n_cells.value == pytest.approx(6.0)
     assert "per-spot" in dock.fit.n_cells_note.value
     with pytest.raises(ValueError):
         dock.fit.set_n_cells_per_location(np.ones(N_SPOTS + 1))
     dock.fit.n_cells.value = 7.0  # the user types a number: back to a global prior
-    assert dock.fit.settings()["N_cells_per_location"] == 7.0
+    assert dock.fit.settings().n_cells_per_location == 7.0
 
 
 def test_fit_error_becomes_notification(setup, qtbot):
@@ -304,34 +307,17 @@ def test_switching_cell_type_is_instant_for_5000_spots(make_napari_viewer, qtbot
     assert np.median(times) < 0.1, times
 
 
-def test_fit_job_observes_per_spot_counts_from_histology():
-    """A per-spot N from the Cells-per-spot tab is also observed as nuclei counts (pins the scale)."""
-    from conftest import make_tiny
-    from napari_cell2location._qt._fit_widget import fit_job
-
-    adata, sig, w = make_tiny(n_obs=30, n_vars=50, n_factors=3)
-    counts = np.round(w.sum(1)) + 1.0
-    settings = {"batch_key": None, "model_class": None, "N_cells_per_location": counts, "detection_alpha": 20.0,
-                "max_epochs": 2, "batch_size": None, "lr": 0.01, "device": "cpu"}
-    kind, mod = next(fit_job(adata, sig, settings))
-    assert kind == "model"
-    np.testing.assert_allclose(mod.module.nuclei_counts.numpy().ravel(), counts)
-    settings["N_cells_per_location"] = 5.0
-    _, mod = next(fit_job(adata, sig, settings))
-    assert mod.module.nuclei_counts is None
-
-
 def test_load_saved_model_shows_results_and_qc(setup, qtbot, tmp_path):
     """A fit saved headless (CLI --save-model, the demo's model/) is loaded for the same spots and
     shown as a fresh fit would be; a wrong folder or other spots give a notification, nothing else."""
     from napari_cell2location import Cell2location
 
     viewer, dock = setup
-    ctx = dock.session.context()
+    ctx = dock.state.context()
     assert dock.fit.load_button.enabled
     ad = ctx.adata.copy()
     Cell2location.setup_anndata(ad, batch_key="batch")
-    mod = Cell2location(ad, dock.session.signatures)
+    mod = Cell2location(ad, dock.state.signatures)
     mod.train(max_epochs=5, lr=0.01, progress_bar=False, device="cpu", seed=0)
     mod.save(tmp_path / "model")
     mod.export_posterior(ad, use_quantiles=True, add_to_obsm=["q05"])
@@ -345,9 +331,9 @@ def test_load_saved_model_shows_results_and_qc(setup, qtbot, tmp_path):
     _wait_fit(qtbot, dock.fit)
     assert dock.fit.status.value.startswith("loaded"), dock.fit.status.value
     results = viewer.layers["cell abundance"]
-    got = results.features[feature_name("q05", "Type_01")].to_numpy()
+    got = feature_table(results)[feature_name("q05", "Type_01")].to_numpy()
     np.testing.assert_allclose(got, ad.obsm["q05_cell_abundance_w_sf"].iloc[:, 1].to_numpy(), rtol=1e-5)
-    assert "reconstruction_r" in results.features and dock.fit.save_button.enabled
+    assert "reconstruction_r" in feature_table(results) and dock.fit.save_button.enabled
     assert dock.qc.color_by("reconstruction_r")  # Spot QC works on a loaded model
 
     other = _fresh(synthetic_section_layers(n_spots=N_SPOTS + 5, n_genes=N_GENES, n_cell_types=N_TYPES, seed=2))

@@ -14,7 +14,7 @@ def test_demo_command_opens_viewer_ready_to_run(make_napari_viewer, monkeypatch,
     import napari
 
     from napari_cell2location import _cli
-    from napari_cell2location._qt import get_session
+    from napari_cell2location._qt import Cell2locationDock
 
     viewers = []
 
@@ -28,11 +28,10 @@ def test_demo_command_opens_viewer_ready_to_run(make_napari_viewer, monkeypatch,
     assert rc == 0 and "press Run" in capsys.readouterr().out
     (viewer,) = viewers
     assert [type(layer).__name__ for layer in viewer.layers] == ["Image", "Points"]
-    session = get_session(viewer)
-    dock = session.widgets["dock"]
+    dock = viewer.window.dock_widgets["Cell2location"]
+    assert isinstance(dock, Cell2locationDock)
     assert dock.fit.run_button.enabled and dock.fit.epochs.value == 123 and dock.fit.lr.value == pytest.approx(0.01)
     assert dock.tabs.tabText(dock.tabs.currentIndex()) == "Fit"
-    assert "Cell2location" in viewer.window._dock_widgets
 
 
 def test_screenshot_after_demo_fit(make_napari_viewer, qtbot, tmp_path):

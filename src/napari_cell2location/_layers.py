@@ -20,13 +20,13 @@ Everything here returns plain numpy / pandas objects or napari ``LayerDataTuple`
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ._contract import EXPORTED_SUMMARIES, abundance_key
 from .io._sections import (
     bounding_box,
     estimate_spot_diameter,
@@ -38,10 +38,12 @@ from .io._sections import (
 
 logger = logging.getLogger(__name__)
 
-#: statistics of the posterior exported by ``Cell2location.export_posterior`` (cell2location's names)
-STATS = ("means", "stds", "q05", "q50", "q95")
 #: metadata key on a spots layer holding the :class:`SpotContext`
 CONTEXT_KEY = "cell2location"
+#: metadata key of a layer's whole feature table, when its ``features`` hold only what hovering shows
+FEATURE_TABLE_KEY = "cell2location_features"
+#: features hovering a spot always shows, when the table has them (besides what colours the layer)
+HOVER_ALWAYS = ("barcode", "total_counts", "total_cells", "reconstruction_r")
 #: colours of the composite view (up to this many cell types at once)
 COMPOSITE_COLORS = (
     (1.0, 0.2, 0.2),
@@ -51,11 +53,6 @@ COMPOSITE_COLORS = (
     (1.0, 0.2, 1.0),
     (0.1, 0.95, 0.95),
 )
-
-
-def obsm_key(stat: str) -> str:
-    """``obsm`` key of a posterior summary, e.g. ``'q05'`` -> ``'q05_cell_abundance_w_sf'``."""
-    return f"{stat}_cell_abundance_w_sf"
 
 
 def feature_name(stat: str, cell_type: str) -> str:
@@ -96,10 +93,12 @@ def cell_types(adata) -> list[str]:
     mod = adata.uns.get("mod", {})
     if hasattr(mod, "get") and mod.get("factor_names") is not None:
         return [str(n) for n in np.asarray(mod["factor_names"]).ravel()]
-    for stat in STATS:
-        if obsm_key(stat) in adata.obsm:
+    for stat in EXPORTED_SUMMARIES:
+        if abundance_key(stat) in adata.obsm:
             prefix = f"{stat}cell_abundance_w_sf_"
-            return [str(c)[len(prefix) :] if str(c).startswith(prefix) else str(c) for c in adata.obsm[obsm_key(stat)]]
+            return [
+                str(c)[len(prefix) :] if str(c).startswith(prefix) else str(c) for c in adata.obsm[abundance_key(stat)]
+            ]
     return []
 
 
@@ -118,8 +117,8 @@ def abundance_features(adata) -> pd.DataFrame:
     """
     types = cell_types(adata)
     cols = {}
-    for stat in STATS:
-        key = obsm_key(stat)
+    for stat in EXPORTED_SUMMARIES:
+        key = abundance_key(stat)
         if key not in adata.obsm:
             continue
         values = np.asarray(adata.obsm[key], dtype=np.float32)
@@ -217,51 +216,6 @@ def composite_colors(values: np.ndarray, colors=COMPOSITE_COLORS, limits=None) -
 
 
 # ------------------------------------------------------------------------------------------------
-# QC (per spot, from observed and expected counts; the expectation itself comes from the model)
-# ------------------------------------------------------------------------------------------------
-
-
-def spot_qc(observed, expected: np.ndarray, abundance_means: np.ndarray, detection_y_s: np.ndarray) -> pd.DataFrame:
-    """Per-spot quality control of a fit.
-
-    Parameters
-    ----------
-    observed : numpy.ndarray or scipy.sparse matrix
-        (n_obs, n_vars) observed counts of the genes the model used.
-    expected : numpy.ndarray
-        (n_obs, n_vars) expected counts mu_sg (``Cell2location.compute_expected()['mu']``).
-    abundance_means : numpy.ndarray
-        (n_obs, n_cell_types) posterior mean abundances w_sf.
-    detection_y_s : numpy.ndarray
-        (n_obs,) or (n_obs, 1) detection efficiency y_s.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``total_counts``, ``total_cells`` (sum_f w_sf), ``detection_y_s``, ``reconstruction_r``
-        (Pearson r of log1p observed vs expected counts across genes; NaN for a constant spot) and
-        ``expected_counts``.
-    """
-    obs = observed.toarray() if hasattr(observed, "toarray") else np.asarray(observed)
-    obs = np.log1p(np.asarray(obs, dtype=np.float64))
-    exp = np.log1p(np.asarray(expected, dtype=np.float64))
-    oc = obs - obs.mean(1, keepdims=True)
-    ec = exp - exp.mean(1, keepdims=True)
-    denom = np.sqrt((oc**2).sum(1) * (ec**2).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(denom > 0, (oc * ec).sum(1) / denom, np.nan)
-    return pd.DataFrame(
-        {
-            "total_counts": np.expm1(obs).sum(1),
-            "expected_counts": np.asarray(expected, dtype=np.float64).sum(1),
-            "total_cells": np.asarray(abundance_means, dtype=np.float64).sum(1),
-            "detection_y_s": np.asarray(detection_y_s, dtype=np.float64).reshape(-1),
-            "reconstruction_r": r,
-        }
-    )
-
-
-# ------------------------------------------------------------------------------------------------
 # layer data
 # ------------------------------------------------------------------------------------------------
 
@@ -319,17 +273,10 @@ def spatial_layer_data(
             (img, {"name": f"{sec.name} H&E" if len(sections) > 1 else f"{name} H&E", "rgb": rgb,
                    "affine": sec.image_affine}, "image")
         )  # fmt: skip
-    features = spot_features(adata)
     ctx = SpotContext(adata=adata, sdata=sdata, signatures=signatures, source=source)
-    kwargs = {
-        "name": name,
-        "size": float(diameter),
-        "features": features,
-        "face_color": value_colors(features["total_counts"].to_numpy(), "viridis"),
-        "border_width": 0.0,
-        "opacity": 0.85,
-        "metadata": {CONTEXT_KEY: ctx},
-    }
+    kwargs = {"name": name, "size": float(diameter), "border_width": 0.0, "opacity": 0.85}
+    kwargs.update(_table_kwargs(spot_features(adata)))
+    kwargs["metadata"][CONTEXT_KEY] = ctx
     layers.append((yx, kwargs, "points"))
     return layers
 
@@ -371,43 +318,74 @@ def place_side_by_side(datasets: list[list[tuple]]) -> list[tuple]:
     return out
 
 
-#: features always shown on hover, when the layer has them
-HOVER_ALWAYS = ("barcode", "total_counts", "total_cells", "reconstruction_r")
+# ------------------------------------------------------------------------------------------------
+# hover: a layer's features hold what hovering a spot shows; its whole table sits in its metadata
+# ------------------------------------------------------------------------------------------------
 
 
-def hover_properties(layer, index) -> list[str]:
-    """What hovering spot ``index`` of a results layer shows: its barcode, the feature(s) it is
-    coloured by (``metadata['shown']``) and a few QC values, not all n_stats x n_types features.
+def feature_table(layer) -> pd.DataFrame:
+    """Every feature of a spots layer: the table in its metadata, or its features (a user's layer)."""
+    table = layer.metadata.get(FEATURE_TABLE_KEY)
+    return table if isinstance(table, pd.DataFrame) else layer.features
+
+
+def hover_columns(table: pd.DataFrame, shown) -> list[str]:
+    """Columns hovering shows: the barcode, the feature(s) the layer is coloured by, then :data:`HOVER_ALWAYS`.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The layer's whole feature table.
+    shown : tuple
+        What colours the layer: ``(stat, cell_type)``, ``(stat, (cell_type, ...))`` for a composite,
+        or ``('qc', column)``.
     """
-    from napari.utils.status_messages import format_feature_value
-
-    feats = layer.features
-    if index is None or index >= len(feats):
-        return []
-    shown = layer.metadata.get("shown")
     names = ["barcode"]
-    if shown is not None:
-        stat, what = shown
-        if stat == "qc":
-            names.append(what)
-        else:
-            names.extend(feature_name(stat, ct) for ct in (what if isinstance(what, tuple) else (what,)))
+    stat, what = shown
+    if stat == "qc":
+        names.append(what)
+    else:
+        names.extend(feature_name(stat, ct) for ct in (what if isinstance(what, tuple) else (what,)))
     names += [n for n in HOVER_ALWAYS if n not in names]
-    return [f"{n}: {format_feature_value(feats[n].iloc[index])}" for n in names if n in feats]
+    return [n for n in dict.fromkeys(names) if n in table]
 
 
-def short_hover(layer) -> None:
-    """Make a results layer's hover (status bar and tooltip) show :func:`hover_properties`."""
+def show_on_hover(layer, shown) -> None:
+    """Record what colours ``layer`` (``metadata['shown']``) and make it, with a few QC values, the
+    layer's features: napari's status bar and tooltip then show that, not every feature."""
+    table = feature_table(layer)
+    if FEATURE_TABLE_KEY not in layer.metadata:
+        layer.metadata[FEATURE_TABLE_KEY] = table
+    layer.metadata["shown"] = shown
+    layer.features = table[hover_columns(table, shown)]
 
-    def _get_properties(self, position, *, view_direction=None, dims_displayed=None, world=False):
-        index = self.get_value(position, view_direction=view_direction, dims_displayed=dims_displayed, world=world)
-        return hover_properties(self, index)
 
-    layer._get_properties = types.MethodType(_get_properties, layer)  # napari's Points hook for hover text
+def _table_kwargs(table: pd.DataFrame) -> dict:
+    """``features``, ``face_color`` and ``metadata`` of a layer showing ``table``.
+
+    With abundances, the layer is coloured by the first cell type's q05 (or means), its whole table goes
+    into its metadata and its features hold what hovering shows; otherwise it is coloured by total
+    counts and its features are the table.
+    """
+    stats = [s for s in EXPORTED_SUMMARIES if any(c.startswith(f"{s} ") for c in table.columns)]
+    if not stats:
+        return {
+            "features": table,
+            "face_color": value_colors(table["total_counts"].to_numpy(), "viridis"),
+            "metadata": {},
+        }
+    stat = "q05" if "q05" in stats else stats[0]
+    first = next(c for c in table.columns if c.startswith(f"{stat} "))
+    shown = (stat, first[len(stat) + 1 :])
+    return {
+        "features": table[hover_columns(table, shown)],
+        "face_color": value_colors(table[first].to_numpy(), "magma"),
+        "metadata": {FEATURE_TABLE_KEY: table, "shown": shown},
+    }
 
 
-def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, name: str = "cell abundance") -> tuple:
-    """Points layer data of fitted abundances: features hold every statistic of every cell type.
+def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, qc=None, name: str = "cell abundance") -> tuple:
+    """Points layer data of fitted abundances: its table holds every statistic of every cell type.
 
     Parameters
     ----------
@@ -419,52 +397,20 @@ def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, name: str 
         Table with exported posterior (``obsm['{stat}_cell_abundance_w_sf']``).
     ctx : SpotContext
         Context to keep with the layer.
+    qc : pandas.DataFrame, optional
+        Per-spot QC of the fit (same rows), added to the table.
     name : str
         Layer name.
 
     Returns
     -------
     tuple
-        ``(yx, kwargs, 'points')`` coloured by the first cell type's q05 (or means).
+        ``(yx, kwargs, 'points')`` coloured by the first cell type's q05 (or means); the whole table in
+        ``metadata['cell2location_features']``, what hovering shows in ``features``.
     """
-    features = spot_features(adata)
-    types = cell_types(adata)
-    stat = "q05" if obsm_key("q05") in adata.obsm else "means"
-    first = features[feature_name(stat, types[0])].to_numpy() if types else features["total_counts"].to_numpy()
-    kwargs = {
-        "name": name,
-        "size": size,
-        "features": features,
-        "face_color": value_colors(first, "magma"),
-        "border_width": 0.0,
-        "metadata": {CONTEXT_KEY: ctx, "shown": (stat, types[0]) if types else ("qc", "total_counts")},
-    }
+    table = spot_features(adata)
+    if qc is not None:
+        table = pd.concat([table, qc[[c for c in qc.columns if c not in table]].reset_index(drop=True)], axis=1)
+    kwargs = {"name": name, "size": size, "border_width": 0.0, **_table_kwargs(table)}
+    kwargs["metadata"][CONTEXT_KEY] = ctx
     return np.asarray(yx, dtype=float), kwargs, "points"
-
-
-def model_qc(mod, chunk: int = 2000) -> pd.DataFrame:
-    """Per-spot QC of a fitted ``Cell2location`` (duck-typed; the model does the maths), in spot chunks.
-
-    Parameters
-    ----------
-    mod : napari_cell2location.model.Cell2location
-        A trained model after ``export_posterior`` (its ``samples['post_sample_means']`` is used).
-    chunk : int
-        Spots per chunk (bounds memory: chunk x n_genes expected counts at a time).
-
-    Returns
-    -------
-    pandas.DataFrame
-        :func:`spot_qc` columns, one row per training spot (``mod.obs_names`` order, RangeIndex).
-    """
-    means = mod.samples.get("post_sample_means") if getattr(mod, "samples", None) else None
-    if means is None:
-        means = mod._means_for_qc()
-    w = np.asarray(means["w_sf"])
-    y_s = np.asarray(means["detection_y_s"]).reshape(-1)
-    parts = []
-    for start in range(0, mod.n_obs, chunk):
-        ind = np.arange(start, min(start + chunk, mod.n_obs))
-        mu = mod.compute_expected(means, ind_x=ind)["mu"]
-        parts.append(spot_qc(mod.X[ind], mu, w[ind], y_s[ind]))
-    return pd.concat(parts, ignore_index=True)

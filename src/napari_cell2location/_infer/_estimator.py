@@ -432,7 +432,8 @@ class PyroEstimator:
         plot_reconstruction(x, mu, ax=axes[0])
         self._qc_panels(axes[1:-1], samples)
         plot_history(self.history_, ax=axes[-1])
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:  # a figure with its own layout (e.g. constrained) keeps it
+            fig.tight_layout()
         return fig
 
     # ------------------------------------------------------------------ persistence

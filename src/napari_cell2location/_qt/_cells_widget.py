@@ -21,11 +21,10 @@ import napari.viewer
 import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton
-from napari.utils.notifications import show_error, show_info, show_warning
-from psygnal import Signal
+from napari.utils.notifications import show_error, show_warning
 
 from ._mpl import MplCanvas
-from ._session import context_of, get_session
+from ._state import SharedState, context_of, state_of
 from ._worker import cancel_worker, start_worker
 
 logger = logging.getLogger(__name__)
@@ -91,6 +90,8 @@ class CellsPerSpotWidget(Container):
     ----------
     napari_viewer : napari.viewer.Viewer
         The viewer with the histology Image layer and the spots Points layer.
+    state : SharedState, optional
+        Where the chosen N_cells_per_location goes (default: the viewer's); the Fit tab listens to it.
 
     Attributes
     ----------
@@ -100,18 +101,12 @@ class CellsPerSpotWidget(Container):
         (n_spots,) nuclei per spot of the last count (NaN for spots not counted).
     estimate : napari_cell2location.nuclei.NCellsEstimate or None
         The suggested ``N_cells_per_location`` and its spread.
-    n_cells_chosen : psygnal.Signal
-        Emitted with the value (float) or per-spot array sent to the fit; lets other code use it when the
-        Fit widget is not there.
     """
 
-    n_cells_chosen = Signal(object)
-
-    def __init__(self, napari_viewer: napari.viewer.Viewer):
+    def __init__(self, napari_viewer: napari.viewer.Viewer, state: SharedState | None = None):
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
-        self.session.widgets["cells"] = self
+        self.state = state if state is not None else state_of(napari_viewer)
         self.worker = None
         self.nuclei_layer = None
         self.counts = None
@@ -185,7 +180,7 @@ class CellsPerSpotWidget(Container):
         spots = [layer for _, layer in self._spot_choices()]
         defaults = (
             (self.image, images[0] if images else None),
-            (self.spots, self.session.spots_layer if self.session.spots_layer in spots else (spots or [None])[-1]),
+            (self.spots, self.state.spots_layer if self.state.spots_layer in spots else (spots or [None])[-1]),
             (self.nuclei, self.nuclei_layer),
         )
         for combo, default in defaults:
@@ -431,19 +426,13 @@ class CellsPerSpotWidget(Container):
 
     # ------------------------------------------------------------------ hand over to the fit
     def _send(self, value):
-        fit = self.session.widgets.get("fit")
-        self.n_cells_chosen.emit(value)
-        if fit is None:
-            show_info("No Fit widget open; the value is available from this widget's n_cells_chosen signal.")
-            return value
+        """Put N_cells_per_location into the shared state (the Fit tab takes it from there) and show Fit."""
         try:
-            fit.set_n_cells_per_location(value)
+            self.state.set_n_cells(value)
         except ValueError as err:
-            show_error(f"The Fit widget refused N_cells_per_location: {err}")
+            show_error(f"N_cells_per_location refused: {err}")
             return None
-        dock = self.session.widgets.get("dock")
-        if dock is not None and hasattr(dock, "show_tab"):
-            dock.show_tab("Fit")
+        self.state.tab_requested.emit("Fit")
         return value
 
     def use_mean(self, _value=None):

@@ -10,7 +10,7 @@ import pandas as pd
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.utils.notifications import show_error, show_info
 
-from ._session import context_of, get_session
+from ._state import SharedState, context_of, state_of
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,14 @@ class DataWidget(Container):
     ----------
     viewer : napari.viewer.Viewer
         The viewer whose layers are offered.
+    state : SharedState, optional
+        Where the choices go (default: the viewer's).
     """
 
-    def __init__(self, viewer: napari.viewer.Viewer):
+    def __init__(self, viewer: napari.viewer.Viewer, state: SharedState | None = None):
         super().__init__(labels=True)
         self.viewer = viewer
-        self.session = get_session(viewer)
-        self.session.widgets["data"] = self
+        self.state = state if state is not None else state_of(viewer)
         self.spots = ComboBox(label="spots", choices=self._spot_choices, nullable=True)
         self.reference = FileEdit(label="reference", mode="r", filter="Signatures (*.csv *.tsv *.txt *.gz *.h5ad)")
         self.load_button = PushButton(text="Load reference")
@@ -46,6 +47,7 @@ class DataWidget(Container):
         self.load_button.changed.connect(self.load_reference)
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             ev.connect(self._refresh)
+        self.state.data_changed.connect(self._update_summary)  # e.g. signatures from the Reference tab
         self._refresh()
 
     # ------------------------------------------------------------------ choices
@@ -53,7 +55,7 @@ class DataWidget(Container):
         return [(layer.name, layer) for layer in _spot_layers(self.viewer)]
 
     def _batch_choices(self, _widget=None):
-        ctx = self.session.context()
+        ctx = context_of(self.spots.value)
         if ctx is None:
             return [NO_BATCH]
         obs = ctx.adata.obs
@@ -76,22 +78,24 @@ class DataWidget(Container):
 
     # ------------------------------------------------------------------ handlers
     def _on_spots(self, layer):
-        if layer is not None and layer is self.session.spots_layer:
+        if layer is not None and layer is self.state.spots_layer:
             self._update_summary()
             return
-        self.session.spots_layer = layer
         ctx = context_of(layer)
         self.batch.reset_choices()
         default = (ctx.extra.get("batch_key") if ctx is not None else None) or NO_BATCH
-        self.batch.value = default if default in self.batch.choices else NO_BATCH
-        if ctx is not None and ctx.signatures is not None and self.session.signatures is None:
-            self.set_signatures(ctx.signatures, source=f"{ctx.source} (bundled)", quiet=True)
-        self._on_batch(self.batch.value)
-        self.session.data_changed.emit()
+        with self.batch.changed.blocked():
+            self.batch.value = default if default in self.batch.choices else NO_BATCH
+        bundled = None if ctx is None else ctx.signatures
+        source = "" if ctx is None else f"{ctx.source} (bundled)"
+        self.state.set_spots(layer, self._batch_key(self.batch.value), bundled, source)
+
+    @staticmethod
+    def _batch_key(value) -> str | None:
+        return None if value in (None, NO_BATCH) else str(value)
 
     def _on_batch(self, value):
-        self.session.batch_key = None if value in (None, NO_BATCH) else str(value)
-        self._update_summary()
+        self.state.set_batch_key(self._batch_key(value))
 
     def load_reference(self, _value=None, path=None):
         """Read the reference file; on error a notification, and the current signatures stay."""
@@ -110,7 +114,7 @@ class DataWidget(Container):
         return True
 
     def set_signatures(self, df: pd.DataFrame, source: str = "", quiet: bool = False):
-        """Use ``df`` (n_genes, n_cell_types) as the reference signatures (public: other widgets call it).
+        """Use ``df`` (n_genes, n_cell_types) as the reference signatures.
 
         Parameters
         ----------
@@ -124,34 +128,29 @@ class DataWidget(Container):
         if not isinstance(df, pd.DataFrame) or df.shape[0] == 0 or df.shape[1] == 0:
             show_error("Signatures must be a non-empty DataFrame of genes x cell types.")
             return
-        self.session.signatures = df
-        self.session.signatures_source = source or "signatures"
-        self._update_summary()
+        self.state.set_signatures(df, source)
         if not quiet:
-            show_info(
-                f"Reference: {df.shape[1]} cell types x {df.shape[0]} genes from {self.session.signatures_source}"
-            )
-        self.session.data_changed.emit()
+            show_info(f"Reference: {df.shape[1]} cell types x {df.shape[0]} genes from {self.state.signatures_source}")
 
     # ------------------------------------------------------------------ summary
     def describe(self) -> dict:
         """Spots, genes, cell types and genes shared between the spots and the signatures."""
-        ctx = self.session.context()
+        ctx = self.state.context()
         out = {"spots": 0, "genes": 0, "cell_types": 0, "shared_genes": 0, "batches": 1}
         if ctx is not None:
             out["spots"], out["genes"] = int(ctx.adata.n_obs), int(ctx.adata.n_vars)
-            if self.session.batch_key:
-                out["batches"] = int(ctx.adata.obs[self.session.batch_key].nunique())
-        sig = self.session.signatures
+            if self.state.batch_key:
+                out["batches"] = int(ctx.adata.obs[self.state.batch_key].nunique())
+        sig = self.state.signatures
         if sig is not None:
             out["cell_types"] = int(sig.shape[1])
             if ctx is not None:
                 out["shared_genes"] = int(np.isin(ctx.adata.var_names.astype(str), sig.index.astype(str)).sum())
         return out
 
-    def _update_summary(self):
+    def _update_summary(self, *_):
         d = self.describe()
-        ref = self.session.signatures_source or "none loaded"
+        ref = self.state.signatures_source or "none loaded"
         self.summary.value = (
             f"{d['spots']} spots x {d['genes']} genes, {d['batches']} batch(es)\n"
             f"reference: {ref}, {d['cell_types']} cell types\n"

@@ -9,16 +9,28 @@ from ._fit_widget import FitWidget
 from ._qc_widget import SpotQCWidget
 from ._reference_widget import ReferenceWidget
 from ._results_widget import ResultsWidget
-from ._session import get_session
+from ._state import SharedState, state_of
+
+#: the tabs, in order: one step of the workflow each
+TABS = (
+    ("Reference", ReferenceWidget),
+    ("Data", DataWidget),
+    ("Cells per spot", CellsPerSpotWidget),
+    ("Fit", FitWidget),
+    ("Results", ResultsWidget),
+    ("Spot QC", SpotQCWidget),
+)
 
 
 class Cell2locationDock(QWidget):
-    """All Cell2location steps in one dock, one tab per step.
+    """All Cell2location steps in one dock, one tab per step, sharing one :class:`SharedState`.
 
     Parameters
     ----------
     napari_viewer : napari.viewer.Viewer
         The viewer.
+    state : SharedState, optional
+        What the tabs share (default: the viewer's, so widgets opened on their own join in).
 
     Attributes
     ----------
@@ -26,46 +38,37 @@ class Cell2locationDock(QWidget):
         The step widgets.
     """
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer):
+    def __init__(self, napari_viewer: napari.viewer.Viewer, state: SharedState | None = None):
         super().__init__()
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
+        self.state = state if state is not None else state_of(napari_viewer)
         self.tabs = QTabWidget()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.tabs)
-        self.data = DataWidget(napari_viewer)
-        self.fit = FitWidget(napari_viewer)
-        self.results = ResultsWidget(napari_viewer)
-        self.qc = SpotQCWidget(napari_viewer)
-        for title, widget in (("Data", self.data), ("Fit", self.fit), ("Results", self.results), ("Spot QC", self.qc)):
-            self.add_tab(widget, title)
-        self.cells = CellsPerSpotWidget(napari_viewer)
-        self.add_tab(self.cells, "Cells per spot", index=1)  # between Data and Fit: it sets the fit's N prior
-        self.reference = ReferenceWidget(napari_viewer)
-        self.add_tab(self.reference, "Reference", index=0)  # first step: signatures from single cells
-        self.session.widgets["dock"] = self
-        self.session.fitted.connect(lambda _mod: self.tabs.setCurrentIndex(self.tabs.indexOf(self._pages["Results"])))
+        self._pages: dict = {}
+        widgets = {}
+        for title, cls in TABS:
+            widgets[title] = cls(napari_viewer, state=self.state)
+            self.add_tab(widgets[title], title)
+        self.reference, self.data, self.cells = widgets["Reference"], widgets["Data"], widgets["Cells per spot"]
+        self.fit, self.results, self.qc = widgets["Fit"], widgets["Results"], widgets["Spot QC"]
+        self.state.tab_requested.connect(self.show_tab)
+        self.state.fitted.connect(lambda _result: self.show_tab("Results"))
 
-    def add_tab(self, widget, title: str, index: int | None = None):
-        """Add a widget (magicgui or Qt) as a scrollable tab; ``index`` places it (default: last).
-
-        Returns the tab's page.
-        """
+    def add_tab(self, widget, title: str):
+        """Add a widget (magicgui or Qt) as a scrollable tab; returns the tab's page."""
         native = getattr(widget, "native", widget)
         if native.layout() is not None:
             native.layout().addStretch(1)  # keep the controls together at the top of the tab
         page = QScrollArea()
         page.setWidgetResizable(True)
         page.setWidget(native)
-        if not hasattr(self, "_pages"):
-            self._pages = {}
         self._pages[title] = page
-        if index is None:
-            self.tabs.addTab(page, title)
-        else:
-            self.tabs.insertTab(index, page, title)
+        self.tabs.addTab(page, title)
         return page
 
     def show_tab(self, title: str):
-        self.tabs.setCurrentWidget(self._pages[title])
+        """Bring the tab called ``title`` to the front (unknown titles are ignored)."""
+        if title in self._pages:
+            self.tabs.setCurrentWidget(self._pages[title])

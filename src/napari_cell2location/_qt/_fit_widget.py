@@ -1,4 +1,8 @@
-"""Fit: model settings, Run in a worker thread with progress, ETA, live ELBO plot and Cancel; Save results."""
+"""Fit: model settings, Run in a worker thread with progress, ETA, live ELBO plot and Cancel; Save results.
+
+The fit itself is the core's pipeline (:func:`napari_cell2location.model.iter_fit`); this widget
+collects its :class:`~napari_cell2location.model.FitSettings`, runs it in a worker and shows the result.
+"""
 
 import logging
 import time
@@ -9,71 +13,15 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from .._variants import ModelVariant
 from ._mpl import MplCanvas
-from ._session import as_n_cells, context_of, get_session
+from ._state import SharedState, context_of, state_of
 from ._worker import cancel_worker, fmt_time, show_training_item, start_worker
 
 logger = logging.getLogger(__name__)
 
-#: GUI label -> model class name (the three variants of the core)
-_PREFIX = "LocationModel"
-_SUFFIX = "PyroModel"
-MODELS = {
-    "main model": f"{_PREFIX}LinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlpha{_SUFFIX}",
-    "no factorisation of w": f"{_PREFIX}MultiExperimentLocationBackgroundNormLevelGeneAlpha{_SUFFIX}",
-    "no gene-level m_g": f"{_PREFIX}LinearDependentWMultiExperimentLocationBackgroundNormLevelNoMG{_SUFFIX}",
-}
 _PLOT_INTERVAL_S = 0.3
-
-
-def fit_job(adata, signatures, settings: dict):
-    """Generator run in the worker: build the model, train (one yield per step), export, QC.
-
-    Yields ``('model', mod)`` first, then :class:`~napari_cell2location.model.TrainStep` records, then
-    ``('exporting', None)``; returns ``(mod, qc)``. Quitting the worker stops it between two steps.
-    """
-    from .._layers import STATS
-    from ..model import Cell2location, model_qc
-
-    Cell2location.setup_anndata(adata, batch_key=settings["batch_key"])
-    n_cells = settings["N_cells_per_location"]
-    per_spot = isinstance(n_cells, np.ndarray) and n_cells.ndim == 1
-    mod = Cell2location(
-        adata,
-        signatures,
-        model_class=settings["model_class"],
-        N_cells_per_location=n_cells,
-        detection_alpha=settings["detection_alpha"],
-        # per-spot counts from the histology are also observed: they pin the abundance scale
-        nuclei_counts=n_cells if per_spot else None,
-    )
-    yield ("model", mod)
-    yield from mod.iter_train(
-        max_epochs=settings["max_epochs"],
-        batch_size=settings["batch_size"],
-        lr=settings["lr"],
-        device=settings["device"],
-        seed=settings.get("seed", 0),
-    )
-    yield ("exporting", None)
-    mod.export_posterior(adata, add_to_obsm=list(STATS), use_quantiles=True, sample_kwargs={"batch_size": 2000})
-    return mod, model_qc(mod)
-
-
-def load_job(adata, path, device: str = "cpu"):
-    """Generator run in the worker: load a fit saved with ``Cell2location.save`` (the CLI's
-    ``--save-model``, the demo's ``model/``) for these spots, export its posterior and QC.
-
-    Yields ``('model', mod)`` and ``('exporting', None)``; returns ``(mod, qc)`` as :func:`fit_job`.
-    """
-    from .._layers import STATS
-    from ..model import Cell2location, model_qc
-
-    mod = Cell2location.load(path, adata, device=device)
-    yield ("model", mod)
-    yield ("exporting", None)
-    mod.export_posterior(adata, add_to_obsm=list(STATS), use_quantiles=True, sample_kwargs={"batch_size": 2000})
-    return mod, model_qc(mod)
+_GLOBAL_NOTE = "global prior (set from histology when counted)"
 
 
 def _devices() -> tuple[list[str], str]:
@@ -95,22 +43,22 @@ class FitWidget(Container):
     ----------
     viewer : napari.viewer.Viewer
         The viewer; results are added to it.
+    state : SharedState, optional
+        Where the data come from and the result goes (default: the viewer's).
     """
 
-    def __init__(self, viewer: napari.viewer.Viewer):
+    def __init__(self, viewer: napari.viewer.Viewer, state: SharedState | None = None):
         super().__init__(labels=True)
         self.viewer = viewer
-        self.session = get_session(viewer)
-        self.session.widgets["fit"] = self
+        self.state = state if state is not None else state_of(viewer)
         self.worker = None
-        self._n_cells_array = None
         self.losses: list[float] = []
         self._t0 = 0.0
         self._last_plot = 0.0
 
-        self.model = ComboBox(label="model", choices=list(MODELS), value=next(iter(MODELS)))
+        self.model = ComboBox(label="model", choices=[(v.label, v) for v in ModelVariant], value=ModelVariant.MAIN)
         self.n_cells = FloatSpinBox(label="N cells / spot", value=8.0, min=0.1, max=1000.0, step=0.5)
-        self.n_cells_note = Label(label="", value="global prior (set from histology when counted)")
+        self.n_cells_note = Label(label="", value=_GLOBAL_NOTE)
         self.detection_alpha = ComboBox(
             label="detection alpha", choices=[("20 (variable sensitivity)", 20.0), ("200 (uniform)", 200.0)], value=20.0
         )
@@ -145,50 +93,45 @@ class FitWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.save_button.changed.connect(self.save)
         self.load_button.changed.connect(self.load)
-        self.n_cells.changed.connect(self._scalar_n_cells)
-        self.session.data_changed.connect(self._update_run_state)
+        self.n_cells.changed.connect(self.set_n_cells_per_location)  # typed by the user: a global prior
+        self.state.n_cells_changed.connect(self._show_n_cells)
+        self.state.data_changed.connect(self._update_run_state)
         self._update_run_state()
 
-    # ------------------------------------------------------------------ public API for other widgets
+    # ------------------------------------------------------------------ N cells per spot
     def set_n_cells_per_location(self, value):
         """Set N_cells_per_location: a float (global prior) or a per-spot numpy array (n_spots,).
 
-        Called by the histology (nuclei) widget. A per-spot array is used as is at the next Run; the
-        spin box shows its mean.
+        The value goes into the shared state (the Cells-per-spot tab sets it the same way); the spin
+        box shows it, or the mean of a per-spot array, which is used as is at the next Run.
         """
-        ctx = self.session.context()
-        value = as_n_cells(value, None if np.ndim(value) == 0 or ctx is None else ctx.adata.n_obs)
+        self.state.set_n_cells(value)
+
+    def _show_n_cells(self, value):
+        with self.n_cells.changed.blocked():
+            self.n_cells.value = float(np.mean(value))
         if np.ndim(value) == 0:
-            self._n_cells_array = None
-            with self.n_cells.changed.blocked():
-                self.n_cells.value = float(value)
             self.n_cells_note.value = "global prior"
         else:
-            self._n_cells_array = value
-            with self.n_cells.changed.blocked():
-                self.n_cells.value = float(np.mean(value))
             self.n_cells_note.value = (
                 f"per-spot prior and observed counts from histology (mean {np.mean(value):.2f}, {len(value)} spots)"
             )
 
-    def _scalar_n_cells(self, value):
-        self._n_cells_array = None
-        self.n_cells_note.value = "global prior"
+    def settings(self):
+        """The :class:`~napari_cell2location.model.FitSettings` the controls hold."""
+        from ..model import FitSettings
 
-    def settings(self) -> dict:
-        """The fit settings the widgets hold."""
-        return {
-            "model_class": MODELS[self.model.value],
-            "N_cells_per_location": self._n_cells_array
-            if self._n_cells_array is not None
-            else float(self.n_cells.value),
-            "detection_alpha": float(self.detection_alpha.value),
-            "max_epochs": int(self.epochs.value) or None,
-            "lr": float(self.lr.value),
-            "batch_size": int(self.batch_size.value) or None,
-            "device": str(self.device.value),
-            "batch_key": self.session.batch_key,
-        }
+        n_cells = self.state.n_cells
+        return FitSettings(
+            variant=ModelVariant(self.model.value),
+            n_cells_per_location=float(self.n_cells.value) if n_cells is None else n_cells,
+            detection_alpha=float(self.detection_alpha.value),
+            batch_key=self.state.batch_key,
+            max_epochs=int(self.epochs.value) or None,
+            lr=float(self.lr.value),
+            batch_size=int(self.batch_size.value) or None,
+            device=str(self.device.value),
+        )
 
     # ------------------------------------------------------------------ run / cancel
     @property
@@ -196,40 +139,38 @@ class FitWidget(Container):
         return self.worker is not None
 
     def _update_run_state(self, keep_status: bool = False):
-        has_spots = self.session.context() is not None
-        ready = has_spots and self.session.signatures is not None
+        has_spots = self.state.context() is not None
+        ready = has_spots and self.state.signatures is not None
         self.run_button.enabled = ready and not self.running
         self.load_button.enabled = has_spots and not self.running
         if not self.running and not keep_status:
             self.status.value = "ready" if ready else "choose spots and a reference in Data"
 
     def run(self, _value=None):
-        """Start the fit in a worker thread (no-op while one runs)."""
+        """Start the fit (the core's ``iter_fit``) in a worker thread (no-op while one runs)."""
+        from ..model import iter_fit
 
         if self.running:
             return None
-        ctx = self.session.context()
-        if ctx is None or self.session.signatures is None:
+        ctx = self.state.context()
+        if ctx is None or self.state.signatures is None:
             show_error("Choose a spots layer and load reference signatures in the Data tab first.")
             return None
         settings = self.settings()
-        if (
-            isinstance(settings["N_cells_per_location"], np.ndarray)
-            and len(settings["N_cells_per_location"]) != ctx.adata.n_obs
-        ):
+        if settings.per_spot and len(settings.n_cells_per_location) != ctx.adata.n_obs:
             show_error("The per-spot N_cells_per_location does not match the spots; set it again.")
             return None
         self.losses = []
         self._t0 = time.perf_counter()
-        self.progress.max = max(settings["max_epochs"] or 1, 1)
+        self.progress.max = max(settings.max_epochs or 1, 1)
         self.progress.value = 0
         self.status.value = "setting up the model..."
-        self._fit_layer = self.session.spots_layer
+        self._fit_layer = self.state.spots_layer
         start_worker(
             self,
-            fit_job,
+            iter_fit,
             ctx.adata,
-            self.session.signatures,
+            self.state.signatures,
             settings,
             on_yielded=self._on_yield,
             on_returned=self._on_returned,
@@ -247,9 +188,11 @@ class FitWidget(Container):
 
     def load(self, _value=None, path=None):
         """Load a saved fit of the chosen spots in a worker and show it as a fresh fit would be shown."""
+        from ..model import iter_load_fit
+
         if self.running:
             return None
-        ctx = self.session.context()
+        ctx = self.state.context()
         if ctx is None:
             show_error("Choose the spots layer the model was fitted on in the Data tab first.")
             return None
@@ -261,8 +204,8 @@ class FitWidget(Container):
         self._t0 = time.perf_counter()
         self.progress.max, self.progress.value = 1, 0
         self.status.value = f"loading {path.name}..."
-        self._fit_layer = self.session.spots_layer
-        start_worker(self, load_job, ctx.adata, path, on_yielded=self._on_yield, on_returned=self._on_returned)
+        self._fit_layer = self.state.spots_layer
+        start_worker(self, iter_load_fit, ctx.adata, path, on_yielded=self._on_yield, on_returned=self._on_returned)
         self._job = "load"
         self._start()
         return self.worker
@@ -294,34 +237,29 @@ class FitWidget(Container):
         self.plot.draw()
 
     def _on_returned(self, result):
-        from .._layers import results_layer_data, short_hover
+        """Show a finished fit (a FitResult): the results layer, the loss, and tell the other tabs."""
+        from .._layers import results_layer_data
 
-        mod, qc = result
-        self.session.model, self.session.qc = mod, qc
+        mod = result.model
         layer = self._fit_layer
-        ctx = context_of(layer)
-        data, kwargs, _ = results_layer_data(layer.data, layer.size, ctx.adata, ctx)
-        features = kwargs["features"]
-        for col in qc.columns:
-            if col not in features:
-                features[col] = qc[col].to_numpy()
-        existing = self.session.results_layer
+        data, kwargs, _ = results_layer_data(
+            layer.data, layer.size, context_of(layer).adata, context_of(layer), result.qc
+        )
+        existing = self.state.results_layer
         if existing is not None and existing in self.viewer.layers and len(existing.data) == len(data):
-            existing.features = features
-            existing.face_color = kwargs["face_color"]
             existing.metadata.update(kwargs["metadata"])
+            existing.features = kwargs["features"]
+            existing.face_color = kwargs["face_color"]
             results = existing
         else:
             results = self.viewer.add_points(data, **kwargs)
-        short_hover(results)
-        self.session.results_layer = results
         self.draw_history(mod.history_["elbo_train"].to_numpy().ravel())
         self.progress.value = self.progress.max  # fast mode may stop before its step limit
         elapsed = time.perf_counter() - self._t0
         what = "loaded" if getattr(self, "_job", "fit") == "load" else "done"
         self.status.value = f"{what} in {fmt_time(elapsed)}: {mod.n_factors} cell types over {mod.n_obs} spots"
         self.save_button.enabled = True
-        self.session.fitted.emit(mod)
+        self.state.set_result(result, results)
         what = "model loaded" if what == "loaded" else "fit finished"
         show_info(f"Cell2location {what} in {fmt_time(elapsed)}; see the '{results.name}' layer.")
 
@@ -346,7 +284,7 @@ class FitWidget(Container):
         from ..io import write_results
 
         ctx = context_of(self._fit_layer) if getattr(self, "_fit_layer", None) is not None else None
-        if ctx is None or self.session.model is None:
+        if ctx is None or self.state.model is None:
             show_error("Nothing to save yet: run a fit first.")
             return None
         path = Path(path if path is not None else self.save_path.value)

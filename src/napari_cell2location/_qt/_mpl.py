@@ -27,7 +27,13 @@ class MplCanvas(Container):
         self.canvas.setMinimumHeight(int(height * 80))
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.native.layout().addWidget(self.canvas)
-        self.axes = [self.figure.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+        for i in range(ncols):
+            self.figure.add_subplot(1, ncols, i + 1)
+
+    @property
+    def axes(self) -> list:
+        """The figure's axes (those made here, or by a plot drawn on the figure)."""
+        return self.figure.axes
 
     def clear(self):
         for ax in self.axes:

@@ -6,9 +6,9 @@ import napari.viewer
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
 
-from .._layers import cell_types, robust_limits, value_colors
+from .._layers import feature_table, robust_limits, show_on_hover, value_colors
 from ._mpl import MplCanvas
-from ._session import get_session
+from ._state import SharedState, state_of
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ METRICS = {
 }
 _N_TOP_GENES = 12
 _N_HIST_SPOTS = 1000
+_N_TYPES_SHOWN = 12
 
 
 class SpotQCWidget(Container):
@@ -29,14 +30,15 @@ class SpotQCWidget(Container):
     Parameters
     ----------
     viewer : napari.viewer.Viewer
-        The viewer; uses the session's last fit and results layer.
+        The viewer.
+    state : SharedState, optional
+        Gives the last fit and its results layer (default: the viewer's).
     """
 
-    def __init__(self, viewer: napari.viewer.Viewer):
+    def __init__(self, viewer: napari.viewer.Viewer, state: SharedState | None = None):
         super().__init__(labels=True)
         self.viewer = viewer
-        self.session = get_session(viewer)
-        self.session.widgets["qc"] = self
+        self.state = state if state is not None else state_of(viewer)
         self.metric = ComboBox(label="colour spots by", choices=[(v[0], k) for k, v in METRICS.items()])
         self.show_button = PushButton(text="Colour spots")
         self.worst_pct = FloatSpinBox(label="worst %", value=5.0, min=0.1, max=100.0, step=1.0)
@@ -51,44 +53,35 @@ class SpotQCWidget(Container):
         )  # fmt: skip
         self.show_button.changed.connect(lambda _v=None: self.color_by(self.metric.value))
         self.worst_button.changed.connect(lambda _v=None: self.select_worst(self.worst_pct.value))
-        self.session.fitted.connect(self._on_fitted)
+        self.state.fitted.connect(self._on_fitted)
         self._hooked = None
-        if self.session.model is not None:
-            self._on_fitted(self.session.model)
+        if self.state.result is not None:
+            self._on_fitted(self.state.result)
 
     # ------------------------------------------------------------------ after a fit
-    def _on_fitted(self, mod):
+    def _on_fitted(self, result):
+        from ..model import worst_explained
+
         self.draw_overview()
-        layer = self.session.results_layer
+        layer = self.state.results_layer
         if layer is not None and self._hooked is not layer:
             layer.mouse_drag_callbacks.append(self._on_click)
             self._hooked = layer
-        qc = self.session.qc
-        if qc is not None:
-            r = qc["reconstruction_r"].to_numpy()
-            p5 = np.nanpercentile(r, 5)
-            self.info.value = (
-                f"median reconstruction r {np.nanmedian(r):.2f}; {int(np.sum(r < p5))} spots below its 5th "
-                f"percentile ({p5:.2f})"
-            )
+        r = result.qc["reconstruction_r"].to_numpy()
+        worst, p5 = worst_explained(r, 5.0)
+        self.info.value = (
+            f"median reconstruction r {np.nanmedian(r):.2f}; {len(worst)} spots at or below its 5th "
+            f"percentile ({p5:.2f})"
+        )
 
     def draw_overview(self):
-        """Reconstruction 2D histogram (observed vs expected, log) and the ELBO history."""
-        from ..plotting import plot_history, plot_reconstruction
-
-        mod = self.session.model
+        """The model's QC figure: reconstruction 2D histogram (observed vs expected, log) and the ELBO."""
+        mod = self.state.model
         if mod is None:
             return
-        self.overview.clear()
-        ax1, ax2 = self.overview.axes
-        rng = np.random.default_rng(0)
-        ind = np.sort(rng.choice(mod.n_obs, size=min(_N_HIST_SPOTS, mod.n_obs), replace=False))
-        mu = mod.compute_expected(mod.samples.get("post_sample_means"), ind_x=ind)["mu"]
-        x = mod.X[ind]
-        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-        plot_reconstruction(x, mu, ax=ax1, bins=40)
-        plot_history(mod.history_, ax=ax2)
-        for ax in (ax1, ax2):
+        self.overview.figure.clear()
+        mod.plot_QC(fig=self.overview.figure, use_n_obs=_N_HIST_SPOTS)
+        for ax in self.overview.axes:
             ax.title.set_fontsize(9)
             ax.xaxis.label.set_fontsize(8)
             ax.yaxis.label.set_fontsize(8)
@@ -98,27 +91,29 @@ class SpotQCWidget(Container):
     # ------------------------------------------------------------------ spot colouring / selection
     def color_by(self, metric: str):
         """Colour the results layer by a QC metric (robust limits)."""
-        layer = self.session.results_layer
-        if layer is None or metric not in layer.features:
+        layer = self.state.results_layer
+        table = None if layer is None else feature_table(layer)
+        if table is None or metric not in table:
             return False
         if self.metric.value != metric:
             with self.metric.changed.blocked():
                 self.metric.value = metric
-        values = layer.features[metric].to_numpy(dtype=float)
+        values = table[metric].to_numpy(dtype=float)
         limits = robust_limits(values)
         layer.face_color = value_colors(values, METRICS[metric][1], limits)
-        layer.metadata["shown"] = ("qc", metric)
+        show_on_hover(layer, ("qc", metric))
         self.info.value = f"{METRICS[metric][0]}: {limits[0]:.3g} … {limits[1]:.3g}"
         return True
 
     def select_worst(self, percent: float = 5.0) -> np.ndarray:
         """Select the spots with the lowest reconstruction r (worst explained) in the results layer."""
-        layer = self.session.results_layer
-        if layer is None or "reconstruction_r" not in layer.features:
+        from ..model import worst_explained
+
+        layer = self.state.results_layer
+        table = None if layer is None else feature_table(layer)
+        if table is None or "reconstruction_r" not in table:
             return np.zeros(0, int)
-        r = layer.features["reconstruction_r"].to_numpy(dtype=float)
-        cut = np.nanpercentile(r, percent)
-        worst = np.flatnonzero(np.nan_to_num(r, nan=-np.inf) <= cut)
+        worst, cut = worst_explained(table["reconstruction_r"].to_numpy(dtype=float), percent)
         layer.selected_data = set(worst.tolist())
         self.viewer.layers.selection.active = layer
         self.info.value = f"selected {len(worst)} spots with reconstruction r ≤ {cut:.2f}"
@@ -132,36 +127,31 @@ class SpotQCWidget(Container):
 
     def show_spot(self, index: int):
         """Bar charts of spot ``index``: cell-type composition (mean w_sf) and top genes observed vs expected."""
-        mod = self.session.model
-        layer = self.session.results_layer
+        from ..model import spot_detail
+
+        mod, layer = self.state.model, self.state.results_layer
         if mod is None or layer is None:
             return
-        adata = mod.adata
-        types = cell_types(adata)
-        means = np.asarray(adata.obsm["means_cell_abundance_w_sf"])[index]
-        mu = mod.compute_expected(mod.samples.get("post_sample_means"), ind_x=[index])["mu"][0]
-        x = mod.X[index]
-        x = np.asarray(x.toarray() if hasattr(x, "toarray") else x).ravel()
-        top = np.argsort(-(x + mu))[:_N_TOP_GENES]
+        spot = spot_detail(mod, index, _N_TOP_GENES)
         self.spot_plot.clear()
         ax1, ax2 = self.spot_plot.axes
-        order = np.argsort(means)[::-1][:12][::-1]
-        ax1.barh(np.asarray(types)[order], means[order], color="tab:purple")
+        shown = spot["abundance"].iloc[:_N_TYPES_SHOWN][::-1]
+        ax1.barh(shown.index.astype(str), shown.to_numpy(), color="tab:purple")
         ax1.set_title("cell abundance (mean w_sf)", fontsize=9)
         ax1.tick_params(labelsize=7)
-        pos = np.arange(len(top))
-        ax2.barh(pos - 0.2, x[top], height=0.4, label="observed", color="tab:blue")
-        ax2.barh(pos + 0.2, mu[top], height=0.4, label="expected", color="tab:orange")
-        ax2.set_yticks(pos, np.asarray(mod.var_names)[top])
+        pos = np.arange(len(spot["genes"]))
+        ax2.barh(pos - 0.2, spot["observed"], height=0.4, label="observed", color="tab:blue")
+        ax2.barh(pos + 0.2, spot["expected"], height=0.4, label="expected", color="tab:orange")
+        ax2.set_yticks(pos, spot["genes"])
         ax2.invert_yaxis()
         ax2.tick_params(labelsize=7)
         ax2.legend(fontsize=7)
         ax2.set_title("top genes", fontsize=9)
         self.spot_plot.draw()
-        feats = layer.features.iloc[index]
+        feats = feature_table(layer).iloc[index]
         r = feats.get("reconstruction_r", np.nan)
         self.spot_label.value = (
             f"spot {feats.get('barcode', index)}: {feats.get('total_counts', np.nan):.0f} counts, "
-            f"{means.sum():.1f} cells, r = {r:.2f}"
+            f"{spot['total_cells']:.1f} cells, r = {r:.2f}"
         )
         self.current_spot = index

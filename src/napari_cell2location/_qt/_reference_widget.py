@@ -1,9 +1,9 @@
-"""Reference: labelled single-cell .h5ad -> gene filter -> signatures (regression or averages) -> the Data tab.
+"""Reference: labelled single-cell .h5ad -> gene filter -> signatures (regression or averages) -> the fit.
 
-Thin widget over :mod:`napari_cell2location.reference`: it collects settings, draws the gene filter's
-2D histogram, trains in a worker thread (progress bar, cancel between steps), saves the signatures
-as CSV and hands them to the Data widget (``DataWidget.set_signatures``) and to anyone connected to
-:attr:`ReferenceWidget.signatures_ready`.
+Thin widget over :mod:`napari_cell2location.reference`: it collects the settings of the core's signature
+pipeline (:func:`~napari_cell2location.reference.iter_signatures`), draws the gene filter's 2D histogram,
+runs the pipeline in a worker thread (progress bar, cancel between steps), saves the signatures as CSV
+and puts them into the shared state, where the Data and Fit tabs take them.
 """
 
 import logging
@@ -24,62 +24,19 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.utils.notifications import show_error, show_info, show_warning
-from psygnal import Signal
 
 from ._mpl import MplCanvas
-from ._session import get_session
+from ._state import SharedState, state_of
 from ._worker import cancel_worker, show_training_item, start_worker
 
 logger = logging.getLogger(__name__)
 
 NO_BATCH = "(one batch)"
 X_LAYER = "X"
+#: GUI label -> ``SignatureSettings.method``
 METHODS = {"NB regression (RegressionModel)": "regression", "cluster averages (fast)": "average"}
 _LABEL_GUESSES = ("cell_type", "celltype", "cell_types", "labels", "label", "annotation", "cluster", "leiden")
 _BATCH_GUESSES = ("batch", "sample", "donor", "library", "sample_id")
-
-
-def reference_job(adata, settings: dict):
-    """Generator run in the worker: filter genes, then average or train the regression.
-
-    Yields ``('model', RegressionModel)``, one :class:`~napari_cell2location.model.TrainStep` per
-    step, ``('exporting', None)``; returns ``(signatures, model or None, filtered adata)``.
-    """
-    from ..reference import RegressionModel, cluster_average_signatures, filter_genes
-
-    layer = settings.get("layer")
-    if settings.get("filter", True):
-        genes = filter_genes(
-            adata,
-            cell_count_cutoff=settings["cell_count_cutoff"],
-            cell_percentage_cutoff2=settings["cell_percentage_cutoff2"],
-            nonz_mean_cutoff=settings["nonz_mean_cutoff"],
-            layer=layer,
-        )
-        if len(genes) == 0:
-            raise ValueError("the gene filter keeps no gene; lower the cut-offs")
-        adata = adata[:, genes].copy()
-    else:
-        adata = adata.copy()
-    if settings["method"] == "average":
-        return cluster_average_signatures(adata, settings["labels_key"], layer=layer), None, adata
-    RegressionModel.setup_anndata(
-        adata, layer=layer, batch_key=settings.get("batch_key"), labels_key=settings["labels_key"]
-    )
-    mod = RegressionModel(adata)
-    yield ("model", mod)
-    yield from mod.iter_train(
-        max_epochs=settings.get("max_epochs"),
-        batch_size=settings.get("batch_size"),
-        lr=settings["lr"],
-        device=settings.get("device", "auto"),
-        seed=settings.get("seed", 0),
-    )
-    yield ("exporting", None)
-    mod.export_posterior(adata, add_to_varm=["means", "stds", "q05", "q95"], use_quantiles=True)
-    from ..reference import signatures_from_adata
-
-    return signatures_from_adata(adata), mod, adata
 
 
 class ReferenceWidget(Container):
@@ -88,7 +45,9 @@ class ReferenceWidget(Container):
     Parameters
     ----------
     napari_viewer : napari.viewer.Viewer
-        The viewer (its session receives the signatures).
+        The viewer.
+    state : SharedState, optional
+        Where the signatures go (default: the viewer's).
 
     Attributes
     ----------
@@ -98,17 +57,12 @@ class ReferenceWidget(Container):
         The last signatures (n_genes, n_cell_types).
     model : napari_cell2location.reference.RegressionModel or None
         The last trained regression.
-    signatures_ready : psygnal.Signal
-        Emitted with the signatures DataFrame when a run finishes.
     """
 
-    signatures_ready = Signal(object)
-
-    def __init__(self, napari_viewer: napari.viewer.Viewer):
+    def __init__(self, napari_viewer: napari.viewer.Viewer, state: SharedState | None = None):
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
-        self.session.widgets["reference"] = self
+        self.state = state if state is not None else state_of(napari_viewer)
         self.adata = None
         self.signatures = None
         self.model = None
@@ -231,7 +185,7 @@ class ReferenceWidget(Container):
         self._stats = None
         if self.adata is not None:
             try:
-                self._stats = gene_filter_stats(self.adata, self.settings()["layer"])
+                self._stats = gene_filter_stats(self.adata, self.settings().layer)
             except ValueError as err:
                 show_error(str(err))
         self.draw_filter()
@@ -258,15 +212,15 @@ class ReferenceWidget(Container):
     # ------------------------------------------------------------------ gene filter
     def kept_genes(self) -> pd.Index:
         """Genes the current cut-offs keep (all genes when filtering is off)."""
-        from ..reference._filter import _selection
+        from ..reference import genes_kept
 
         if self._stats is None:
             return pd.Index([])
         if not self.filter.value:
             return self._stats.index
         s = self.settings()
-        keep = _selection(
-            self._stats, self.adata.n_obs, s["cell_count_cutoff"], s["cell_percentage_cutoff2"], s["nonz_mean_cutoff"]
+        keep = genes_kept(
+            self._stats, self.adata.n_obs, s.cell_count_cutoff, s.cell_percentage_cutoff2, s.nonz_mean_cutoff
         )
         return self._stats.index[keep]
 
@@ -281,9 +235,9 @@ class ReferenceWidget(Container):
             plot_filter_genes(
                 self._stats,
                 n_obs=self.adata.n_obs,
-                cell_count_cutoff=s["cell_count_cutoff"],
-                cell_percentage_cutoff2=s["cell_percentage_cutoff2"],
-                nonz_mean_cutoff=s["nonz_mean_cutoff"],
+                cell_count_cutoff=s.cell_count_cutoff,
+                cell_percentage_cutoff2=s.cell_percentage_cutoff2,
+                nonz_mean_cutoff=s.nonz_mean_cutoff,
                 ax=ax,
             )
             ax.set_title("gene filter (red: cut-offs)", fontsize=8)
@@ -294,23 +248,24 @@ class ReferenceWidget(Container):
         self.plot.draw()
 
     # ------------------------------------------------------------------ run / cancel
-    def settings(self) -> dict:
-        """The settings the widgets hold."""
-        return {
-            "labels_key": self.labels_key.value,
-            "batch_key": None if self.batch_key.value in (None, NO_BATCH) else str(self.batch_key.value),
-            "layer": None if self.layer.value in (None, X_LAYER) else str(self.layer.value),
-            "filter": bool(self.filter.value),
-            "cell_count_cutoff": float(self.cell_count_cutoff.value),
-            "cell_percentage_cutoff2": float(self.cell_percentage_cutoff2.value),
-            "nonz_mean_cutoff": float(self.nonz_mean_cutoff.value),
-            "method": METHODS[self.method.value],
-            "max_epochs": int(self.epochs.value) or None,
-            "batch_size": int(self.batch_size.value),
-            "lr": float(self.lr.value),
-            "device": str(self.device.value),
-            "seed": 0,
-        }
+    def settings(self):
+        """The :class:`~napari_cell2location.reference.SignatureSettings` the controls hold."""
+        from ..reference import SignatureSettings
+
+        return SignatureSettings(
+            labels_key=self.labels_key.value,
+            batch_key=None if self.batch_key.value in (None, NO_BATCH) else str(self.batch_key.value),
+            layer=None if self.layer.value in (None, X_LAYER) else str(self.layer.value),
+            filter=bool(self.filter.value),
+            cell_count_cutoff=float(self.cell_count_cutoff.value),
+            cell_percentage_cutoff2=float(self.cell_percentage_cutoff2.value),
+            nonz_mean_cutoff=float(self.nonz_mean_cutoff.value),
+            method=METHODS[self.method.value],
+            max_epochs=int(self.epochs.value) or None,
+            batch_size=int(self.batch_size.value),
+            lr=float(self.lr.value),
+            device=str(self.device.value),
+        )
 
     @property
     def running(self) -> bool:
@@ -328,7 +283,7 @@ class ReferenceWidget(Container):
         """Estimate the signatures in a worker thread (no-op while one runs); returns the worker."""
 
         from ..io import InputError
-        from ..reference import check_reference
+        from ..reference import check_reference, iter_signatures
 
         if self.running:
             return None
@@ -337,7 +292,7 @@ class ReferenceWidget(Container):
             return None
         settings = self.settings()
         try:  # fast checks on the main thread: a clear message before any work starts
-            check_reference(self.adata, settings["labels_key"], settings["batch_key"], settings["layer"])
+            check_reference(self.adata, settings.labels_key, settings.batch_key, settings.layer)
         except InputError as err:
             show_error(f"Cannot use this reference: {err}")
             return None
@@ -346,7 +301,7 @@ class ReferenceWidget(Container):
         self.progress.max, self.progress.value = 1, 0
         self.status.value = "filtering genes..."
         start_worker(
-            self, reference_job, self.adata, settings, on_yielded=self._on_yield, on_returned=self._on_returned
+            self, iter_signatures, self.adata, settings, on_yielded=self._on_yield, on_returned=self._on_returned
         )
         self._update_buttons()
         self.worker.start()
@@ -362,12 +317,12 @@ class ReferenceWidget(Container):
             self.losses.append(float(step.loss))
 
     def _on_returned(self, result):
-        signatures, model, _adata = result
-        self.signatures, self.model = signatures, model
+        """A finished SignaturesResult: keep it and hand the signatures to the fit."""
+        signatures = result.signatures
+        self.signatures, self.model = signatures, result.model
         self.progress.value = self.progress.max
         elapsed = time.perf_counter() - self._t0
         self.status.value = f"done in {elapsed:.0f} s: {signatures.shape[1]} cell types x {signatures.shape[0]} genes"
-        self.signatures_ready.emit(signatures)
         self.send_to_fit(quiet=True)
 
     def _on_error(self, err):
@@ -385,21 +340,14 @@ class ReferenceWidget(Container):
 
     # ------------------------------------------------------------------ hand over / save
     def send_to_fit(self, _value=None, quiet: bool = False):
-        """Give the signatures to the Data widget of this viewer (if one is open)."""
+        """Use the signatures for the fit: into the shared state (the Data tab shows them), Data tab in front."""
         if self.signatures is None:
             if not quiet:
                 show_error("No signatures yet: estimate them first.")
             return False
-        data = self.session.widgets.get("data")
-        if data is None or not hasattr(data, "set_signatures"):
-            if not quiet:
-                show_warning("Open the Cell2location dock to fit with these signatures.")
-            return False
         method = "regression" if self.model is not None else "cluster averages"
-        data.set_signatures(self.signatures, source=f"{getattr(self, 'source', 'reference')} ({method})")
-        dock = self.session.widgets.get("dock")
-        if dock is not None and hasattr(dock, "show_tab") and "Data" in getattr(dock, "_pages", {}):
-            dock.show_tab("Data")
+        self.state.set_signatures(self.signatures, source=f"{getattr(self, 'source', 'reference')} ({method})")
+        self.state.tab_requested.emit("Data")
         return True
 
     def save(self, _value=None, path=None):

@@ -7,17 +7,18 @@ import napari.viewer
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, RadioButtons, Select
 
+from .._contract import EXPORTED_SUMMARIES
 from .._layers import (
     COMPOSITE_COLORS,
-    STATS,
     composite_colors,
     feature_name,
+    feature_table,
     robust_limits,
-    short_hover,
+    show_on_hover,
     value_colors,
 )
 from ._mpl import ColorBar
-from ._session import get_session
+from ._state import SharedState, state_of
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,9 @@ def result_stats_and_types(layer) -> tuple[list[str], list[str]]:
     """Statistics and cell types present as ``'{stat} {cell_type}'`` features of ``layer``."""
     if layer is None or not hasattr(layer, "features"):
         return [], []
-    cols = [str(c) for c in layer.features.columns]
+    cols = [str(c) for c in feature_table(layer).columns]
     stats, types = [], []
-    for stat in STATS:
+    for stat in EXPORTED_SUMMARIES:
         names = [c[len(stat) + 1 :] for c in cols if c.startswith(f"{stat} ")]
         if names:
             stats.append(stat)
@@ -47,13 +48,14 @@ class ResultsWidget(Container):
     ----------
     viewer : napari.viewer.Viewer
         The viewer whose Points layers with abundance features are offered.
+    state : SharedState, optional
+        Tells when a fit finished (default: the viewer's).
     """
 
-    def __init__(self, viewer: napari.viewer.Viewer):
+    def __init__(self, viewer: napari.viewer.Viewer, state: SharedState | None = None):
         super().__init__(labels=True)
         self.viewer = viewer
-        self.session = get_session(viewer)
-        self.session.widgets["results"] = self
+        self.state = state if state is not None else state_of(viewer)
         self.layer = ComboBox(label="layer", choices=self._layer_choices, nullable=True)
         self.mode = RadioButtons(label="view", choices=[SINGLE, COMPOSITE], value=SINGLE, orientation="horizontal")
         # choices are callables of the current layer, so a container-wide reset_choices (napari calls it on
@@ -78,7 +80,7 @@ class ResultsWidget(Container):
         self.layer.changed.connect(self._on_layer)
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed):
             ev.connect(self._refresh)
-        self.session.fitted.connect(lambda _mod: self._refresh(select=self.session.results_layer))
+        self.state.fitted.connect(lambda _result: self._refresh(select=self.state.results_layer))
         self._refresh()
 
     def _layer_choices(self, _widget=None):
@@ -154,8 +156,7 @@ class ResultsWidget(Container):
         layer = self.layer.value
         if layer is None or not self.stat.value:
             return
-        short_hover(layer)  # hover shows what is coloured, not every feature
-        feats = layer.features
+        feats = feature_table(layer)
         pct = (float(self.lo_pct.value), float(self.hi_pct.value))
         if pct[1] <= pct[0]:
             pct = (pct[0], min(100.0, pct[0] + 1.0))
@@ -174,7 +175,7 @@ class ResultsWidget(Container):
                 f'<span style="color:{_hex(COMPOSITE_COLORS[j])}">■ {ct}</span>' for j, ct in enumerate(chosen)
             )
             self.limits.value = f"{self.stat.value}, each scaled to its {pct[0]:g}-{pct[1]:g}th percentiles"
-            layer.metadata["shown"] = (self.stat.value, tuple(chosen))
+            show_on_hover(layer, (self.stat.value, tuple(chosen)))
             return
         if not self.cell_type.value:
             return
@@ -184,7 +185,7 @@ class ResultsWidget(Container):
         self.colorbar.set_colormap(self.cmap.value)
         self.limits.value = f"{self.stat.value} {self.cell_type.value}: {lo:.3g} … {hi:.3g} cells"
         self.legend.value = ""
-        layer.metadata["shown"] = (self.stat.value, self.cell_type.value)
+        show_on_hover(layer, (self.stat.value, self.cell_type.value))
 
 
 def _hex(rgb) -> str:

@@ -40,17 +40,20 @@ def fmt_time(seconds: float) -> str:
 
 
 def show_training_item(owner, item, unit: str):
-    """Report one item of a training job on ``owner.status`` / ``owner.progress``.
+    """Report one item of a job generator (``iter_fit``, ``iter_signatures``) on ``owner.status`` /
+    ``owner.progress``.
 
-    A job yields ``('model', mod)`` and ``('exporting', None)`` stage messages and
-    :class:`~napari_cell2location.model.TrainStep` records. Returns the step (None for a message);
+    A job yields :class:`~napari_cell2location.model.Stage` messages and
+    :class:`~napari_cell2location.model.TrainStep` records. Returns the step (None for a stage);
     ``owner._t0`` is the run's start time.
     """
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-        kind, value = item
-        if kind == "model":
-            owner.status.value = f"training: {value.n_obs} {unit} x {value.n_vars} genes, {value.n_factors} cell types"
-        elif kind == "exporting":
+    from .._infer import Stage
+
+    if isinstance(item, Stage):
+        if item.name == "model":
+            mod = item.value
+            owner.status.value = f"training: {mod.n_obs} {unit} x {mod.n_vars} genes, {mod.n_factors} cell types"
+        elif item.name == "exporting":
             owner.status.value = "exporting the posterior..."
         return None
     step = item

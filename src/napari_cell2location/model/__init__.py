@@ -4,6 +4,7 @@ Built on the shared inference engine (:mod:`napari_cell2location._infer`). Impor
 """
 
 from .._infer import ConvergenceStopper, NegativeBinomialCounts, Stage, TrainStep, resolve_device
+from .._variants import ModelVariant
 from ._cell2location import Cell2location, check_n_cells
 from ._modules import (
     Cell2locationModule,
@@ -14,8 +15,7 @@ from ._modules import (
     NoMGModule,
 )
 from ._pipeline import FitResult, FitSettings, build_model, fit, iter_fit, iter_load_fit
-from ._qc import model_qc, spot_qc
-from .._variants import ModelVariant
+from ._qc import model_qc, spot_detail, spot_qc, worst_explained
 
 __all__ = [
     "Cell2location",
@@ -39,5 +39,7 @@ __all__ = [
     "iter_load_fit",
     "model_qc",
     "resolve_device",
+    "spot_detail",
     "spot_qc",
+    "worst_explained",
 ]

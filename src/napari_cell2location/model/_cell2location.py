@@ -21,9 +21,9 @@ from scipy import sparse
 
 from .._contract import abundance_column, abundance_key
 from .._infer import ConvergenceStopper, PyroEstimator, aligned_order, json_ready, to_numpy
+from .._variants import ModelVariant
 from ..io._validate import MIN_SHARED_GENES, InputError, prepare_inputs
 from ._elbo import MeanFieldELBO
-from .._variants import ModelVariant
 
 logger = logging.getLogger(__name__)
 
@@ -444,11 +444,15 @@ class Cell2location(PyroEstimator):
         module = self.module
         return {
             "model_class": self.model_class.__name__,
-            "model_kwargs": json_ready({**self.model_kwargs, "detection_mean": to_numpy(module.detection_mean).ravel()}),
+            "model_kwargs": json_ready(
+                {**self.model_kwargs, "detection_mean": to_numpy(module.detection_mean).ravel()}
+            ),
             "detection_mean_per_sample": self.detection_mean_per_sample,
             "detection_mean_correction": self.detection_mean_correction,
             "nuclei_counts_weight": module.nuclei_counts_weight,
-            "nuclei_counts": json_ready(None if module.nuclei_counts is None else to_numpy(module.nuclei_counts).ravel()),
+            "nuclei_counts": json_ready(
+                None if module.nuclei_counts is None else to_numpy(module.nuclei_counts).ravel()
+            ),
             "layer": self.layer,
             "batch_key": self.batch_key,
             "obs_names": list(self.obs_names),

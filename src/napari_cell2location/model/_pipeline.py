@@ -19,9 +19,9 @@ import pandas as pd
 
 from .._contract import EXPORTED_SUMMARIES
 from .._infer import Stage, consume
+from .._variants import ModelVariant
 from ._cell2location import Cell2location
 from ._qc import model_qc
-from .._variants import ModelVariant
 
 logger = logging.getLogger(__name__)
 

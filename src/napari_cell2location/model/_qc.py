@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+
 def spot_qc(observed, expected: np.ndarray, abundance_means: np.ndarray, detection_y_s: np.ndarray) -> pd.DataFrame:
     """Per-spot quality control of a fit.
 
@@ -73,3 +74,46 @@ def model_qc(mod, chunk: int = 2000) -> pd.DataFrame:
         mu = mod.compute_expected(means, ind_x=ind)["mu"]
         parts.append(spot_qc(mod.X[ind], mu, w[ind], y_s[ind]))
     return pd.concat(parts, ignore_index=True)
+
+
+def worst_explained(reconstruction_r, percent: float = 5.0) -> tuple[np.ndarray, float]:
+    """Spots the model explains worst: reconstruction r at or below its ``percent``-th percentile.
+
+    Returns the spot indices (NaN r counts as worst) and the cut-off.
+    """
+    r = np.asarray(reconstruction_r, dtype=float)
+    cut = float(np.nanpercentile(r, percent))
+    return np.flatnonzero(np.nan_to_num(r, nan=-np.inf) <= cut), cut
+
+
+def spot_detail(mod, index: int, n_top: int = 12) -> dict:
+    """One spot of a fit: its cell-type composition and its top genes, observed vs expected.
+
+    Parameters
+    ----------
+    mod : Cell2location
+        A trained model.
+    index : int
+        Spot (row of the training data).
+    n_top : int
+        Genes with the most observed + expected counts.
+
+    Returns
+    -------
+    dict
+        ``abundance`` (pandas.Series of mean w_sf by cell type, largest first), ``genes`` (names),
+        ``observed`` and ``expected`` (their counts), ``total_cells``.
+    """
+    means = mod.posterior_means()
+    w = np.asarray(means["w_sf"])[index]
+    mu = mod.compute_expected(means, ind_x=[index])["mu"][0]
+    x = mod.X[index]
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=float).ravel()
+    top = np.argsort(-(x + mu))[:n_top]
+    return {
+        "abundance": pd.Series(w, index=mod.factor_names_).sort_values(ascending=False),
+        "genes": np.asarray(mod.var_names)[top],
+        "observed": x[top],
+        "expected": mu[top],
+        "total_cells": float(w.sum()),
+    }

@@ -45,7 +45,8 @@ def gene_filter_stats(adata, layer: str | None = None) -> pd.DataFrame:
     )
 
 
-def _selection(stats: pd.DataFrame, n_obs: int, cell_count_cutoff, cell_percentage_cutoff2, nonz_mean_cutoff):
+def genes_kept(stats: pd.DataFrame, n_obs: int, cell_count_cutoff, cell_percentage_cutoff2, nonz_mean_cutoff):
+    """Mask of the genes :func:`filter_genes`'s rule keeps, from :func:`gene_filter_stats` of ``n_obs`` cells."""
     n_cells = stats["n_cells"].to_numpy()
     nonz = stats["nonz_mean"].to_numpy()
     return (n_cells > n_obs * float(cell_percentage_cutoff2)) | (
@@ -91,7 +92,7 @@ def filter_genes(
         Names of the genes kept, in ``adata.var_names`` order; use ``adata[:, genes]``.
     """
     stats = gene_filter_stats(adata, layer)
-    keep = _selection(stats, adata.n_obs, cell_count_cutoff, cell_percentage_cutoff2, nonz_mean_cutoff)
+    keep = genes_kept(stats, adata.n_obs, cell_count_cutoff, cell_percentage_cutoff2, nonz_mean_cutoff)
     if plot:
         plot_filter_genes(
             stats,
@@ -141,7 +142,7 @@ def plot_filter_genes(
         import matplotlib.pyplot as plt
 
         _, ax = plt.subplots(figsize=(5, 4))
-    keep = _selection(stats, n_obs, cell_count_cutoff, cell_percentage_cutoff2, nonz_mean_cutoff)
+    keep = genes_kept(stats, n_obs, cell_count_cutoff, cell_percentage_cutoff2, nonz_mean_cutoff)
     detected = stats["n_cells"].to_numpy() > 0
     x = np.log10(stats["nonz_mean"].to_numpy()[detected])
     y = np.log10(stats["n_cells"].to_numpy()[detected])
