@@ -103,6 +103,21 @@ def test_per_spot_n_is_observed_as_nuclei_counts(make_tiny):
     assert not FitSettings(n_cells_per_location=5.0).per_spot
 
 
+def test_per_spot_n_as_a_series_is_matched_by_spot_name(make_tiny):
+    """Per-spot counts given as a Series by spot name land on their own spots, whatever the order."""
+    adata, sig, w = make_tiny(n_obs=30, n_vars=50, n_factors=3)
+    counts = per_spot_counts(w)
+    shuffled = pd.Series(counts, index=adata.obs_names).sample(frac=1.0, random_state=0)
+    assert not shuffled.index.equals(adata.obs_names)
+    gen = iter_fit(adata, sig, n_cells_per_location=shuffled, max_epochs=1, device="cpu")
+    mod = next(gen).value
+    gen.close()
+    np.testing.assert_allclose(mod.module.N_cells_per_location.numpy().ravel(), counts)
+    np.testing.assert_allclose(mod.module.nuclei_counts.numpy().ravel(), counts)
+    with pytest.raises(InputError, match="no value for 1 spots"):
+        next(iter_fit(adata, sig, n_cells_per_location=shuffled.iloc[1:], max_epochs=1, device="cpu"))
+
+
 def test_iter_fit_closed_early_keeps_steps_and_exports_nothing(tiny):
     adata, sig, _ = tiny
     gen = iter_fit(adata, sig, max_epochs=50, lr=0.01, device="cpu")
@@ -146,8 +161,9 @@ def test_consume_and_fit_return_the_fit_result(tiny):
         (np.array([8.0, 0.0, 8.0]), 3, "must be positive and finite"),
         (np.array([8.0, -1.0, 8.0]), 3, "must be positive and finite"),
         (np.array([8.0, np.nan, 8.0]), 3, "must be positive and finite"),
+        (np.full((2, 3), 8.0), 6, r"one per spot, got an array of shape \(2, 3\)"),
     ],
-    ids=["wrong-length", "zero", "negative", "nan", "zero-in-array", "negative-in-array", "nan-in-array"],
+    ids=["wrong-length", "zero", "negative", "nan", "zero-in-array", "negative-in-array", "nan-in-array", "2-d"],
 )
 def test_check_n_cells_refuses(value, n_obs, message):
     with pytest.raises(InputError, match=message):
@@ -225,7 +241,7 @@ def test_each_variant_trains_through_iter_fit(variant, make_tiny):
 def test_no_factorisation_refuses_a_per_spot_n(make_tiny):
     adata, sig, w = make_tiny(n_obs=30, n_vars=50, n_factors=3)
     gen = iter_fit(adata, sig, variant=ModelVariant.NO_FACTORISATION, n_cells_per_location=per_spot_counts(w))
-    with pytest.raises(ValueError, match="no-factorisation model takes one global N_cells_per_location"):
+    with pytest.raises(InputError, match="no-factorisation model takes one global N_cells_per_location"):
         next(gen)
 
 
@@ -265,8 +281,9 @@ def test_iter_signatures_average(small_reference, tmp_path):
 def test_iter_signatures_regression(small_reference):
     ref = small_reference
     records, result = run(
-        iter_signatures(ref, labels_key="ct", batch_key="batch", method="regression", max_epochs=3, filter=False,
-                        device="cpu")
+        iter_signatures(
+            ref, labels_key="ct", batch_key="batch", method="regression", max_epochs=3, filter=False, device="cpu"
+        )
     )
     first, *steps, last = records
     assert first.name == "model" and isinstance(first.value, RegressionModel)

@@ -37,11 +37,14 @@ AUTO_MAX_EPOCHS = 5000
 def check_n_cells(value, n_obs: int | None = None):
     """An N_cells_per_location value checked: a positive float, or (n_obs,) positive per-spot values.
 
-    Returns the float, or a float64 array of the per-spot values; raises :class:`InputError`.
+    Returns the float, or a float64 array of the per-spot values; raises :class:`InputError`. A pandas
+    Series is taken in its order: align it to the spots first (``Cell2location`` does, by spot name).
     """
     arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 2 and arr.shape[1] == 1:  # a column of per-spot values
+        arr = arr[:, 0]
     if arr.ndim > 1:
-        arr = arr.reshape(-1)
+        raise InputError(f"N_cells_per_location must be one value or one per spot, got an array of shape {arr.shape}")
     if arr.ndim == 1 and n_obs is not None and arr.shape[0] != n_obs:
         raise InputError(f"N_cells_per_location has {arr.shape[0]} values but the data has {n_obs} spots")
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
@@ -149,19 +152,24 @@ class Cell2location(PyroEstimator):
         self.n_obs, self.n_vars = int(prep.X.shape[0]), int(prep.X.shape[1])
         self.n_factors, self.n_batch = len(self.factor_names_), len(self.batch_names)
 
-        default = sig.parameters["N_cells_per_location"].default
-        n_cells = np.asarray(check_n_cells(kwargs.get("N_cells_per_location", default), self.n_obs))
+        n_cells = kwargs.get("N_cells_per_location", sig.parameters["N_cells_per_location"].default)
+        if isinstance(n_cells, pd.Series):  # per-spot values by spot name
+            kwargs["N_cells_per_location"] = n_cells = self._by_spot(n_cells, "N_cells_per_location")
+        n_cells = np.asarray(check_n_cells(n_cells, self.n_obs))
         if "detection_mean" not in kwargs:
             kwargs["detection_mean"] = self._detection_mean(n_cells, per_sample, float(correction))
         self.variant, self.model_class, self.model_kwargs = variant, model_class, kwargs
         self.detection_mean_per_sample, self.detection_mean_correction = bool(per_sample), float(correction)
         dims = {"n_obs": self.n_obs, "n_vars": self.n_vars, "n_factors": self.n_factors, "n_batch": self.n_batch}
-        self._init_inference(
-            lambda: model_class(**dims, cell_state_mat=prep.cell_state, **kwargs), kwargs.get("init_vals")
-        )
+        try:  # the modules refuse settings they cannot take (e.g. per-spot N without the factorisation)
+            self._init_inference(
+                lambda: model_class(**dims, cell_state_mat=prep.cell_state, **kwargs), kwargs.get("init_vals")
+            )
+        except ValueError as err:
+            raise InputError(str(err)) from None
         if nuclei_counts is not None:
             if isinstance(nuclei_counts, pd.Series):
-                nuclei_counts = nuclei_counts.reindex(self.obs_names).to_numpy()
+                nuclei_counts = self._by_spot(nuclei_counts, "nuclei_counts")
             try:
                 self.module.set_nuclei_counts(nuclei_counts, weight)
             except ValueError as err:
@@ -174,6 +182,13 @@ class Cell2location(PyroEstimator):
             self.n_batch,
             model_class.__name__,
         )
+
+    def _by_spot(self, values: pd.Series, name: str) -> np.ndarray:
+        """Per-spot values given by spot name, in the model's spot order (every spot must be there)."""
+        missing = self.obs_names.difference(values.index.astype(str))
+        if len(missing):
+            raise InputError(f"{name} has no value for {len(missing)} spots, e.g. {missing[0]!r}")
+        return values.set_axis(values.index.astype(str)).reindex(self.obs_names).to_numpy(dtype=np.float64)
 
     # ------------------------------------------------------------------ set-up
     @classmethod

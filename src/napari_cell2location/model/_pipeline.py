@@ -102,13 +102,11 @@ class FitResult:
 def build_model(adata, signatures: pd.DataFrame, settings: FitSettings) -> Cell2location:
     """Register ``adata`` and build the model the settings describe (inputs are validated here).
 
-    Per-spot ``n_cells_per_location`` (counted on the histology) is the prior of each spot's total
-    and is also observed as nuclei counts.
+    Per-spot ``n_cells_per_location`` (counted on the histology; an array in spot order or a Series by
+    spot name) is the prior of each spot's total and is also observed as nuclei counts.
     """
     Cell2location.setup_anndata(adata, batch_key=settings.batch_key, layer=settings.layer)
-    n_cells = settings.n_cells_per_location
-    if settings.per_spot:
-        n_cells = np.asarray(n_cells, dtype=float)
+    n_cells = settings.n_cells_per_location  # per spot: an array in spot order, or a Series by spot name
     return Cell2location(
         adata,
         signatures,
