@@ -222,7 +222,9 @@ def test_cli_fit_runs_headless_without_gui(tmp_path, make_tiny):
     res = anndata.read_h5ad(result)
     assert list(res.obs_names) == list(adata.obs_names)
     for k in ("means", "stds", "q05", "q95"):
-        assert list(res.obsm[f"{k}_cell_abundance_w_sf"].columns) == [f"{k}cell_abundance_w_sf_{t}" for t in sig.columns]
+        assert list(res.obsm[f"{k}_cell_abundance_w_sf"].columns) == [
+            f"{k}cell_abundance_w_sf_{t}" for t in sig.columns
+        ]
 
 
 def test_package_import_is_light():

@@ -48,9 +48,7 @@ def section():
 def _fit(data, n_cells, steps=STEPS, detection_alpha=20.0, **kwargs):
     adata = data.adata.copy()
     Cell2location.setup_anndata(adata, batch_key="batch")
-    mod = Cell2location(
-        adata, data.signatures, N_cells_per_location=n_cells, detection_alpha=detection_alpha, **kwargs
-    )
+    mod = Cell2location(adata, data.signatures, N_cells_per_location=n_cells, detection_alpha=detection_alpha, **kwargs)
     mod.train(max_epochs=steps, lr=LR, progress_bar=False, device="cpu", seed=0)
     return _mean_w(mod).sum(1)
 
