@@ -13,9 +13,17 @@ the other's private modules.
 """
 
 from ._device import describe_device, json_ready, resolve_device, to_numpy
-from ._estimator import DEFAULT_SUMMARIES, PyroEstimator, aligned_order
+from ._estimator import PyroEstimator, aligned_order, register_fields
 from ._likelihood import CountsPattern, NegativeBinomialCounts, nb_log_likelihood
-from ._posterior import DrawSummaries, GuideSummary, check_summaries, parse_quantile, sorted_quantile
+from ._posterior import (
+    DEFAULT_SUMMARIES,
+    DrawSummaries,
+    GuideSummary,
+    PosteriorMixin,
+    check_summaries,
+    parse_quantile,
+    sorted_quantile,
+)
 from ._sites import Site, gene_background_sites, sample_gene_background, sample_sites
 from ._training import (
     Adam,
@@ -36,6 +44,7 @@ __all__ = [
     "DrawSummaries",
     "GuideSummary",
     "NegativeBinomialCounts",
+    "PosteriorMixin",
     "PyroEstimator",
     "Site",
     "Stage",
@@ -50,6 +59,7 @@ __all__ = [
     "json_ready",
     "nb_log_likelihood",
     "parse_quantile",
+    "register_fields",
     "resolve_device",
     "sample_gene_background",
     "sample_sites",

@@ -30,16 +30,12 @@ from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 from scipy import sparse
 
 from ..io._validate import InputError
-from ._device import describe_device, resolve_device, to_numpy
-from ._posterior import DrawSummaries, GuideSummary, check_summaries
+from ._device import describe_device, resolve_device
+from ._posterior import DEFAULT_SUMMARIES, PosteriorMixin, check_summaries
 from ._training import check_training_args, consume, epoch_batches, svi_steps
 
 logger = logging.getLogger(__name__)
 
-#: summaries computed by ``export_posterior`` from samples, whatever else is asked (the original's)
-DEFAULT_SUMMARIES = ("means", "stds", "q05", "q95")
-#: values in one part of posterior draws (bounds the memory of ``sample_posterior``)
-SAMPLE_BATCH_VALUES = 2_000_000
 _DEFAULT_INIT = init_to_mean(fallback=init_to_feasible)
 
 
@@ -59,8 +55,28 @@ def aligned_order(given, trained: pd.Index, what: str) -> np.ndarray | None:
     )
 
 
-class PyroEstimator:
-    """Base of the models: guide, training, posterior summaries, export, QC plot, save and load.
+def register_fields(adata, setup_key: str, layer: str | None = None, **obs_fields) -> None:
+    """What ``setup_anndata`` does for both models: check that ``layer`` and every named ``obs`` column
+    (a key or a list of keys) exist, then write the choices made into ``adata.uns[setup_key]``.
+
+    The data are not modified; a missing layer or column raises :class:`InputError` listing those present.
+    """
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"layer {layer!r} is not in adata.layers; layers present: {list(adata.layers.keys())}")
+    fields = {k: list(v) if isinstance(v, list | tuple) else v for k, v in obs_fields.items()}
+    for name, value in fields.items():
+        for key in value if isinstance(value, list) else [value]:
+            if key is not None and key not in adata.obs.columns:
+                raise InputError(
+                    f"{name} {key!r} is not a column of adata.obs; columns present: {list(adata.obs.columns)}"
+                )
+    setup = {"layer": layer, **fields}
+    adata.uns[setup_key] = {k: v for k, v in setup.items() if v is not None and v != []}
+
+
+class PyroEstimator(PosteriorMixin):
+    """Base of the models: guide, training, export, QC plot, save and load; posterior summaries come
+    from :class:`~napari_cell2location._infer._posterior.PosteriorMixin`.
 
     Attributes a subclass sets before :meth:`_init_inference`: ``X`` (n_obs, n_vars) counts,
     ``n_obs``, ``n_vars``, ``n_factors``, ``n_batch``, ``obs_names``, ``var_names``,
@@ -86,8 +102,6 @@ class PyroEstimator:
     _PROGRESS = "training"
     #: likely causes named when the loss becomes NaN
     _NAN_HINT = "normalised or non-integer counts"
-    #: global sites whose whole draws :meth:`_deterministic_draws` needs (sampled jointly with the locals)
-    _DETERMINISTIC_INPUTS: tuple[str, ...] = ()
     #: axes of the model's own panels in :meth:`plot_QC`
     _QC_EXTRA_PANELS = 0
 
@@ -213,149 +227,6 @@ class PyroEstimator:
         from ..plotting import plot_history
 
         return plot_history(self.history_, iter_start=iter_start, iter_end=iter_end, ax=ax)
-
-    # ------------------------------------------------------------------ posterior
-    def _guide_summary(self) -> GuideSummary:
-        if self.guide.prototype_trace is None:
-            raise RuntimeError("the model has not been trained yet: call train() first")
-        if self._summary is None:
-            self._summary = GuideSummary(self.guide, self.module.list_obs_plate_vars()["sites"])
-        return self._summary
-
-    def _spot_batches(self, batch_size: int | None):
-        """Index tensors of consecutive observations, ``batch_size`` at a time (all at once for None)."""
-        size = self.n_obs if batch_size is None else max(1, int(batch_size))
-        for i in range(0, self.n_obs, size):
-            yield torch.arange(i, min(i + size, self.n_obs), device=self.device)
-
-    def _deterministic_draws(self, draws: dict) -> tuple[dict, dict]:
-        """Deterministic sites from draws of the latent ones (leading sample dimension): those in the
-        observation plate, and the global ones. ``draws`` holds one spot batch of the local sites and
-        the :attr:`_DETERMINISTIC_INPUTS`. None by default."""
-        return {}, {}
-
-    def posterior_quantile(
-        self, q: float = 0.5, batch_size: int | None = None, use_median: bool = False, exclude_vars: list | None = None
-    ) -> dict:
-        """Quantile ``q`` of every latent site, exactly from the guide (no sampling).
-
-        Parameters
-        ----------
-        q : float
-            Quantile in (0, 1).
-        batch_size : int, optional
-            Observations per batch for observation-plate sites (bounded memory).
-        use_median : bool
-            Same as ``q=0.5`` (API compatibility).
-        exclude_vars : list of str, optional
-            Sites to leave out.
-
-        Returns
-        -------
-        dict
-            site -> numpy array of the site's shape.
-        """
-        q = 0.5 if use_median else float(q)
-        if not 0 < q < 1:
-            raise ValueError(f"q must be in (0, 1), got {q}")
-        summary = self._guide_summary()
-        out = {}
-        for name in summary.sites:
-            if exclude_vars and name in exclude_vars:
-                continue
-            if name in summary.obs_sites:
-                parts = [to_numpy(summary.quantile(name, q, ind)) for ind in self._spot_batches(batch_size)]
-                out[name] = np.concatenate(parts, axis=0)
-            else:
-                out[name] = to_numpy(summary.quantile(name, q))
-        return out
-
-    def _summaries_from_guide(self, names, batch_size: int | None = None) -> dict:
-        """Means, stds (quadrature) and quantiles (exact) of the latent sites, without sampling; the
-        means of the observation-plate deterministic sites too (product of independent means)."""
-        out = self._guide_summary().summaries(names, obs_batches=list(self._spot_batches(batch_size)))
-        if "means" in names:
-            means = {k: torch.as_tensor(v, device=self.device)[None] for k, v in out["post_sample_means"].items()}
-            local, _ = self._deterministic_draws(means)
-            out["post_sample_means"].update({k: to_numpy(v[0]) for k, v in local.items()})
-        return out
-
-    def posterior_means(self) -> dict:
-        """Posterior means of every site (site -> array): those of the last export, else from the guide."""
-        if "post_sample_means" in self.samples:
-            return self.samples["post_sample_means"]
-        return self._summaries_from_guide(["means"])["post_sample_means"]
-
-    @torch.no_grad()
-    def sample_posterior(
-        self,
-        num_samples: int = 1000,
-        batch_size: int | None = None,
-        return_sites: list | None = None,
-        return_samples: bool = False,
-        summaries=DEFAULT_SUMMARIES,
-        max_values: int = SAMPLE_BATCH_VALUES,
-    ) -> dict:
-        """Draw posterior samples and summarise them part by part (bounded memory).
-
-        Global sites are drawn a chunk of their elements at a time, observation-plate sites a batch
-        of observations at a time, each part at most about ``max_values`` values.
-
-        Parameters
-        ----------
-        num_samples : int
-            Draws per site.
-        batch_size : int, optional
-            Observations per batch (default: as many as keep a batch of draws of the widest site
-            under ``max_values``).
-        return_sites : list of str, optional
-            Sites to return (default all latent and deterministic sites).
-        return_samples : bool
-            Also return the raw draws under ``'posterior_samples'`` (memory: num_samples x site size).
-        summaries : sequence of str
-            Summaries to compute: 'means', 'stds', quantiles such as 'q05'.
-        max_values : int
-            Values in one part of the draws.
-
-        Returns
-        -------
-        dict
-            ``post_sample_{summary}`` -> {site: numpy array}, and ``posterior_samples`` if asked.
-        """
-        summary = self._guide_summary()
-        num_samples = int(num_samples)
-        acc = DrawSummaries(summaries, keep_draws=return_samples)
-        wanted = set(return_sites) if return_sites else None
-
-        def keep(site):
-            return wanted is None or site in wanted
-
-        shapes, joint = {}, {}
-        for site in summary.sites:
-            if site in summary.obs_sites:
-                continue
-            if site in self._DETERMINISTIC_INPUTS:
-                joint[site] = summary.sample(site, num_samples)  # summarised once the locals have used it
-            elif keep(site):
-                shapes[site] = tuple(summary.loc_scale(site)[0].shape)
-                for part in summary.sample_chunks(site, num_samples, max_values):
-                    acc.add(site, part)
-        det_globals: dict = {}
-        if summary.obs_sites:
-            widths = self.module.list_obs_plate_vars()["sites"]
-            widest = max([*(widths.get(s, 1) for s in summary.obs_sites), self.n_factors])
-            if batch_size is None:
-                batch_size = max(1, min(self.n_obs, int(max_values // (num_samples * widest))))
-            for ind in self._spot_batches(batch_size):
-                local = {s: summary.sample(s, num_samples, ind) for s in summary.obs_sites}
-                det_local, det_globals = self._deterministic_draws({**joint, **local})
-                for site, draws in {**local, **det_local}.items():
-                    if keep(site):
-                        acc.add(site, draws)
-        for site, draws in {**joint, **det_globals}.items():
-            if keep(site):
-                acc.add(site, draws)
-        return acc.result(shapes)
 
     # ------------------------------------------------------------------ export
     def _export_summaries(self, add_to, where: str, use_quantiles: bool, sample_kwargs: dict | None, required=()):

@@ -22,6 +22,11 @@ from torch.distributions import biject_to
 from ..io._validate import InputError
 from ._device import to_numpy
 
+#: summaries computed by ``export_posterior`` from samples, whatever else is asked (the original's)
+DEFAULT_SUMMARIES = ("means", "stds", "q05", "q95")
+#: values in one part of posterior draws (bounds the memory of ``sample_posterior``)
+SAMPLE_BATCH_VALUES = 2_000_000
+
 _QUANTILE = re.compile(r"^q(\d+)$")
 
 
@@ -218,3 +223,156 @@ class DrawSummaries:
                 for s, v in self.draws.items()
             }
         return out
+
+
+class PosteriorMixin:
+    """Posterior summaries of an estimator's guide: exact quantiles, quadrature means, sampled summaries.
+
+    Mixed into :class:`~napari_cell2location._infer.PyroEstimator` (which provides ``module``, ``guide``,
+    ``device``, ``n_obs``, ``n_factors``, ``samples`` and ``_summary``).
+    """
+
+    #: global sites whose whole draws :meth:`_deterministic_draws` needs (sampled jointly with the locals)
+    _DETERMINISTIC_INPUTS: tuple[str, ...] = ()
+
+    def _guide_summary(self) -> GuideSummary:
+        if self.guide.prototype_trace is None:
+            raise RuntimeError("the model has not been trained yet: call train() first")
+        if self._summary is None:
+            self._summary = GuideSummary(self.guide, self.module.list_obs_plate_vars()["sites"])
+        return self._summary
+
+    def _spot_batches(self, batch_size: int | None):
+        """Index tensors of consecutive observations, ``batch_size`` at a time (all at once for None)."""
+        size = self.n_obs if batch_size is None else max(1, int(batch_size))
+        for i in range(0, self.n_obs, size):
+            yield torch.arange(i, min(i + size, self.n_obs), device=self.device)
+
+    def _deterministic_draws(self, draws: dict) -> tuple[dict, dict]:
+        """Deterministic sites from draws of the latent ones (leading sample dimension): those in the
+        observation plate, and the global ones. ``draws`` holds one spot batch of the local sites and
+        the :attr:`_DETERMINISTIC_INPUTS`. None by default."""
+        return {}, {}
+
+    def posterior_quantile(
+        self, q: float = 0.5, batch_size: int | None = None, use_median: bool = False, exclude_vars: list | None = None
+    ) -> dict:
+        """Quantile ``q`` of every latent site, exactly from the guide (no sampling).
+
+        Parameters
+        ----------
+        q : float
+            Quantile in (0, 1).
+        batch_size : int, optional
+            Observations per batch for observation-plate sites (bounded memory).
+        use_median : bool
+            Same as ``q=0.5`` (API compatibility).
+        exclude_vars : list of str, optional
+            Sites to leave out.
+
+        Returns
+        -------
+        dict
+            site -> numpy array of the site's shape.
+        """
+        q = 0.5 if use_median else float(q)
+        if not 0 < q < 1:
+            raise ValueError(f"q must be in (0, 1), got {q}")
+        summary = self._guide_summary()
+        out = {}
+        for name in summary.sites:
+            if exclude_vars and name in exclude_vars:
+                continue
+            if name in summary.obs_sites:
+                parts = [to_numpy(summary.quantile(name, q, ind)) for ind in self._spot_batches(batch_size)]
+                out[name] = np.concatenate(parts, axis=0)
+            else:
+                out[name] = to_numpy(summary.quantile(name, q))
+        return out
+
+    def _summaries_from_guide(self, names, batch_size: int | None = None) -> dict:
+        """Means, stds (quadrature) and quantiles (exact) of the latent sites, without sampling; the
+        means of the observation-plate deterministic sites too (product of independent means)."""
+        out = self._guide_summary().summaries(names, obs_batches=list(self._spot_batches(batch_size)))
+        if "means" in names:
+            means = {k: torch.as_tensor(v, device=self.device)[None] for k, v in out["post_sample_means"].items()}
+            local, _ = self._deterministic_draws(means)
+            out["post_sample_means"].update({k: to_numpy(v[0]) for k, v in local.items()})
+        return out
+
+    def posterior_means(self) -> dict:
+        """Posterior means of every site (site -> array): those of the last export, else from the guide."""
+        if "post_sample_means" in self.samples:
+            return self.samples["post_sample_means"]
+        return self._summaries_from_guide(["means"])["post_sample_means"]
+
+    @torch.no_grad()
+    def sample_posterior(
+        self,
+        num_samples: int = 1000,
+        batch_size: int | None = None,
+        return_sites: list | None = None,
+        return_samples: bool = False,
+        summaries=DEFAULT_SUMMARIES,
+        max_values: int = SAMPLE_BATCH_VALUES,
+    ) -> dict:
+        """Draw posterior samples and summarise them part by part (bounded memory).
+
+        Global sites are drawn a chunk of their elements at a time, observation-plate sites a batch
+        of observations at a time, each part at most about ``max_values`` values.
+
+        Parameters
+        ----------
+        num_samples : int
+            Draws per site.
+        batch_size : int, optional
+            Observations per batch (default: as many as keep a batch of draws of the widest site
+            under ``max_values``).
+        return_sites : list of str, optional
+            Sites to return (default all latent and deterministic sites).
+        return_samples : bool
+            Also return the raw draws under ``'posterior_samples'`` (memory: num_samples x site size).
+        summaries : sequence of str
+            Summaries to compute: 'means', 'stds', quantiles such as 'q05'.
+        max_values : int
+            Values in one part of the draws.
+
+        Returns
+        -------
+        dict
+            ``post_sample_{summary}`` -> {site: numpy array}, and ``posterior_samples`` if asked.
+        """
+        summary = self._guide_summary()
+        num_samples = int(num_samples)
+        acc = DrawSummaries(summaries, keep_draws=return_samples)
+        wanted = set(return_sites) if return_sites else None
+
+        def keep(site):
+            return wanted is None or site in wanted
+
+        shapes, joint = {}, {}
+        for site in summary.sites:
+            if site in summary.obs_sites:
+                continue
+            if site in self._DETERMINISTIC_INPUTS:
+                joint[site] = summary.sample(site, num_samples)  # summarised once the locals have used it
+            elif keep(site):
+                shapes[site] = tuple(summary.loc_scale(site)[0].shape)
+                for part in summary.sample_chunks(site, num_samples, max_values):
+                    acc.add(site, part)
+        det_globals: dict = {}
+        if summary.obs_sites:
+            widths = self.module.list_obs_plate_vars()["sites"]
+            widest = max([*(widths.get(s, 1) for s in summary.obs_sites), self.n_factors])
+            if batch_size is None:
+                batch_size = max(1, min(self.n_obs, int(max_values // (num_samples * widest))))
+            for ind in self._spot_batches(batch_size):
+                local = {s: summary.sample(s, num_samples, ind) for s in summary.obs_sites}
+                det_local, det_globals = self._deterministic_draws({**joint, **local})
+                for site, draws in {**local, **det_local}.items():
+                    if keep(site):
+                        acc.add(site, draws)
+        for site, draws in {**joint, **det_globals}.items():
+            if keep(site):
+                acc.add(site, draws)
+        return acc.result(shapes)

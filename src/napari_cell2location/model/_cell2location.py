@@ -20,7 +20,7 @@ import torch
 from scipy import sparse
 
 from .._contract import abundance_column, abundance_key
-from .._infer import ConvergenceStopper, PyroEstimator, aligned_order, json_ready, to_numpy
+from .._infer import ConvergenceStopper, PyroEstimator, aligned_order, json_ready, register_fields, to_numpy
 from .._variants import ModelVariant
 from ..io._validate import MIN_SHARED_GENES, InputError, prepare_inputs
 from ._elbo import MeanFieldELBO
@@ -221,20 +221,15 @@ class Cell2location(PyroEstimator):
         """
         if kwargs:
             raise TypeError(f"setup_anndata() got unexpected arguments {sorted(kwargs)}")
-        if layer is not None and layer not in adata.layers:
-            raise InputError(f"layer {layer!r} is not in adata.layers; layers present: {list(adata.layers.keys())}")
-        keys = [batch_key, labels_key, *(categorical_covariate_keys or []), *(continuous_covariate_keys or [])]
-        for key in keys:
-            if key is not None and key not in adata.obs.columns:
-                raise InputError(f"{key!r} is not a column of adata.obs; columns present: {list(adata.obs.columns)}")
-        setup = {
-            "layer": layer,
-            "batch_key": batch_key,
-            "labels_key": labels_key,
-            "categorical_covariate_keys": list(categorical_covariate_keys or []),
-            "continuous_covariate_keys": list(continuous_covariate_keys or []),
-        }
-        adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None and v != []}
+        register_fields(
+            adata,
+            SETUP_KEY,
+            layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            categorical_covariate_keys=categorical_covariate_keys or [],
+            continuous_covariate_keys=continuous_covariate_keys or [],
+        )
 
     def _detection_mean(self, n_cells: np.ndarray, per_sample: bool, correction: float):
         """Prior mean of detection efficiency from the data, with the N actually in force (ours)."""

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from .._contract import signature_column, signature_key
-from .._infer import PyroEstimator, aligned_order, to_numpy
+from .._infer import PyroEstimator, aligned_order, register_fields, to_numpy
 from ..io._validate import InputError
 from ._module import RegressionBackgroundDetectionTechPyroModel
 from ._signatures import cluster_averages
@@ -166,27 +166,19 @@ class RegressionModel(PyroEstimator):
         """
         if continuous_covariate_keys:
             raise InputError("continuous_covariate_keys are not supported by the reference RegressionModel")
-        if layer is not None and layer not in adata.layers:
-            raise InputError(f"layer {layer!r} is not in adata.layers; layers present: {list(adata.layers.keys())}")
         if labels_key is None:
             raise InputError(
                 "labels_key is required: name the obs column with cell types; "
                 f"columns present: {list(adata.obs.columns)}"
             )
-        for name, key in [("labels_key", labels_key), ("batch_key", batch_key)] + [
-            ("categorical_covariate_keys", k) for k in (categorical_covariate_keys or [])
-        ]:
-            if key is not None and key not in adata.obs.columns:
-                raise InputError(
-                    f"{name} {key!r} is not a column of adata.obs; columns present: {list(adata.obs.columns)}"
-                )
-        setup = {
-            "layer": layer,
-            "batch_key": batch_key,
-            "labels_key": labels_key,
-            "categorical_covariate_keys": list(categorical_covariate_keys or []),
-        }
-        adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None and v != []}
+        register_fields(
+            adata,
+            SETUP_KEY,
+            layer,
+            labels_key=labels_key,
+            batch_key=batch_key,
+            categorical_covariate_keys=categorical_covariate_keys or [],
+        )
 
     # ------------------------------------------------------------------ data on the device
     def _args(self, ind: np.ndarray | None, device, counts: bool = True):
