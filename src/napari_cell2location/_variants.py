@@ -48,7 +48,7 @@ class ModelVariant(StrEnum):
         for variant in cls:
             if name in (variant.value, variant.class_name):
                 return variant
-        from .io._validate import InputError
+        from .io import InputError
 
         known = [v.value for v in cls] + [v.class_name for v in cls]
         raise InputError(f"unknown model_class {value!r}; choose one of {known}")

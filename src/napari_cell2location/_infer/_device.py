@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..io._validate import InputError
+from ..io import InputError
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

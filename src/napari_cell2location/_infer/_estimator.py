@@ -29,7 +29,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 from scipy import sparse
 
-from ..io._validate import InputError
+from ..io import InputError
 from ._device import describe_device, resolve_device
 from ._posterior import DEFAULT_SUMMARIES, PosteriorMixin, check_summaries
 from ._training import check_training_args, consume, epoch_batches, svi_steps

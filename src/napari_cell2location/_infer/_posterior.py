@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.distributions import biject_to
 
-from ..io._validate import InputError
+from ..io import InputError
 from ._device import to_numpy
 
 #: summaries computed by ``export_posterior`` from samples, whatever else is asked (the original's)

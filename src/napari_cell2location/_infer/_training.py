@@ -19,7 +19,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
-from ..io._validate import InputError
+from ..io import InputError
 
 logger = logging.getLogger(__name__)
 

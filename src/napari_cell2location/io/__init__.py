@@ -11,12 +11,27 @@ Imports no Qt and no napari; ``anndata`` / ``spatialdata`` load inside the funct
 from ._read import read_signatures, write_results
 from ._spaceranger import read_spaceranger, spaceranger_root
 from ._spatial import pick_table, read_spatial, spatial_format
-from ._validate import InputError, prepare_inputs, validate_counts, validate_signatures
+from ._validate import (
+    MIN_SHARED_GENES,
+    InputError,
+    batch_codes,
+    count_matrix,
+    duplicated_names,
+    prepare_inputs,
+    preview,
+    validate_counts,
+    validate_signatures,
+)
 
 __all__ = [
+    "MIN_SHARED_GENES",
     "InputError",
+    "batch_codes",
+    "count_matrix",
+    "duplicated_names",
     "pick_table",
     "prepare_inputs",
+    "preview",
     "read_signatures",
     "read_spaceranger",
     "read_spatial",

@@ -29,13 +29,15 @@ class InputError(ValueError):
 _CHECK_CHUNK = 1 << 24
 
 
-def _preview(values, n: int = 5) -> str:
+def preview(values, n: int = 5) -> str:
+    """The first ``n`` values and how many there are, for messages: ``['a', 'b', ...] (7 in all)``."""
     values = list(values)
     shown = ", ".join(repr(str(v)) for v in values[:n])
     return f"[{shown}{', ...' if len(values) > n else ''}] ({len(values)} in all)"
 
 
-def _duplicates(index: pd.Index) -> list:
+def duplicated_names(index: pd.Index) -> list:
+    """Names that occur more than once in ``index`` (each listed once)."""
     return index[index.duplicated()].unique().tolist()
 
 
@@ -153,32 +155,32 @@ def validate_signatures(cell_state_df) -> pd.DataFrame:
         )
     if cell_state_df.shape[0] == 0 or cell_state_df.shape[1] == 0:
         raise InputError(f"cell_state_df is empty (shape {cell_state_df.shape}); it needs genes x cell types.")
-    dup = _duplicates(cell_state_df.index.astype(str))
+    dup = duplicated_names(cell_state_df.index.astype(str))
     if dup:
-        raise InputError(f"cell_state_df has duplicate gene names {_preview(dup)}; make its index unique.")
-    dup = _duplicates(cell_state_df.columns.astype(str))
+        raise InputError(f"cell_state_df has duplicate gene names {preview(dup)}; make its index unique.")
+    dup = duplicated_names(cell_state_df.columns.astype(str))
     if dup:
-        raise InputError(f"cell_state_df has duplicate cell type names {_preview(dup)}; make its columns unique.")
+        raise InputError(f"cell_state_df has duplicate cell type names {preview(dup)}; make its columns unique.")
     non_numeric = [c for c in cell_state_df.columns if not pd.api.types.is_numeric_dtype(cell_state_df[c])]
     if non_numeric:
-        raise InputError(f"cell_state_df columns {_preview(non_numeric)} are not numeric.")
+        raise InputError(f"cell_state_df columns {preview(non_numeric)} are not numeric.")
     values = cell_state_df.to_numpy(dtype=np.float64)
     nan_cols = cell_state_df.columns[~np.isfinite(values).all(axis=0)].tolist()
     if nan_cols:
         raise InputError(
-            f"cell_state_df has NaN or infinite values in cell types {_preview(nan_cols)}; "
+            f"cell_state_df has NaN or infinite values in cell types {preview(nan_cols)}; "
             "re-export the reference signatures or drop those cell types."
         )
     neg_cols = cell_state_df.columns[(values < 0).any(axis=0)].tolist()
     if neg_cols:
         raise InputError(
-            f"cell_state_df has negative values in cell types {_preview(neg_cols)}; signatures must be "
+            f"cell_state_df has negative values in cell types {preview(neg_cols)}; signatures must be "
             "non-negative expression levels (counts per cell), not scaled or log data."
         )
     zero_cols = cell_state_df.columns[(values == 0).all(axis=0)].tolist()
     if zero_cols:
         raise InputError(
-            f"cell_state_df has all-zero signatures for cell types {_preview(zero_cols)}; drop those cell types."
+            f"cell_state_df has all-zero signatures for cell types {preview(zero_cols)}; drop those cell types."
         )
     return pd.DataFrame(values, index=cell_state_df.index.astype(str), columns=cell_state_df.columns.astype(str))
 
@@ -264,12 +266,12 @@ def _check_table(adata) -> tuple[pd.Index, pd.Index]:
         raise InputError(f"adata is empty (shape {adata.shape}).")
     obs_names = pd.Index(adata.obs_names.astype(str))
     var_names = pd.Index(adata.var_names.astype(str))
-    dup = _duplicates(obs_names)
+    dup = duplicated_names(obs_names)
     if dup:
-        raise InputError(f"adata has duplicate spot names {_preview(dup)}; call adata.obs_names_make_unique().")
-    dup = _duplicates(var_names)
+        raise InputError(f"adata has duplicate spot names {preview(dup)}; call adata.obs_names_make_unique().")
+    dup = duplicated_names(var_names)
     if dup:
-        raise InputError(f"adata has duplicate gene names {_preview(dup)}; call adata.var_names_make_unique().")
+        raise InputError(f"adata has duplicate gene names {preview(dup)}; call adata.var_names_make_unique().")
     return obs_names, var_names
 
 
@@ -279,7 +281,7 @@ def _shared_genes(var_names: pd.Index, sig: pd.DataFrame, min_shared_genes: int)
     if len(var_idx) < min_shared_genes:
         raise InputError(
             f"only {len(var_idx)} genes are shared between the spatial data ({len(var_names)} genes, e.g. "
-            f"{_preview(var_names, 3)}) and the signatures ({sig.shape[0]} genes, e.g. {_preview(sig.index, 3)}); "
+            f"{preview(var_names, 3)}) and the signatures ({sig.shape[0]} genes, e.g. {preview(sig.index, 3)}); "
             f"at least {min_shared_genes} are needed. Check that both use the same gene identifiers "
             "(symbols vs Ensembl IDs) and the same species."
         )
@@ -305,7 +307,7 @@ def _drop_zero_genes(X, var_idx: np.ndarray, var_names: pd.Index, min_shared_gen
     n_zero = int((~nonzero_genes).sum())
     if n_zero:
         logger.info(
-            "dropping %d genes with zero counts in every spot: %s", n_zero, _preview(var_names[var_idx][~nonzero_genes])
+            "dropping %d genes with zero counts in every spot: %s", n_zero, preview(var_names[var_idx][~nonzero_genes])
         )
         var_idx = var_idx[nonzero_genes]
         X = X[:, nonzero_genes]
@@ -334,7 +336,7 @@ def _signatures_of(sig: pd.DataFrame, kept: pd.Index) -> np.ndarray:
     empty_types = sig.columns[cell_state.sum(axis=0) == 0].tolist()
     if empty_types:
         raise InputError(
-            f"cell types {_preview(empty_types)} have zero expression over the {len(kept)} shared genes; "
+            f"cell types {preview(empty_types)} have zero expression over the {len(kept)} shared genes; "
             "drop them from the signatures or use a reference with more genes in common."
         )
     return cell_state

@@ -22,7 +22,7 @@ from scipy import sparse
 from .._contract import abundance_column, abundance_key
 from .._infer import ConvergenceStopper, PyroEstimator, aligned_order, json_ready, register_fields, to_numpy
 from .._variants import ModelVariant
-from ..io._validate import MIN_SHARED_GENES, InputError, prepare_inputs
+from ..io import MIN_SHARED_GENES, InputError, prepare_inputs
 from ._elbo import MeanFieldELBO
 
 logger = logging.getLogger(__name__)

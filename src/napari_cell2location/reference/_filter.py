@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ..io._validate import count_matrix
+from ..io import count_matrix
 
 
 def gene_filter_stats(adata, layer: str | None = None) -> pd.DataFrame:

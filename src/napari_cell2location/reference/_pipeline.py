@@ -16,7 +16,7 @@ import pandas as pd
 
 from .._contract import signature_column, signature_key
 from .._infer import Stage, consume
-from ..io._validate import InputError
+from ..io import InputError
 from ._filter import filter_genes
 from ._regression import RegressionModel
 from ._signatures import cluster_average_signatures, signatures_from_adata

@@ -17,7 +17,7 @@ import torch
 
 from .._contract import signature_column, signature_key
 from .._infer import PyroEstimator, aligned_order, register_fields, to_numpy
-from ..io._validate import InputError
+from ..io import InputError
 from ._module import RegressionBackgroundDetectionTechPyroModel
 from ._signatures import cluster_averages
 from ._validate import MIN_CELLS_PER_LABEL, check_reference, label_codes

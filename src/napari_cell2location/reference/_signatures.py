@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ..io._validate import InputError
+from ..io import InputError
 from ._validate import check_reference
 
 #: varm key and column prefix of the signatures written by RegressionModel.export_posterior

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ..io._validate import InputError, _duplicates, _preview, batch_codes, count_matrix, validate_counts
+from ..io import InputError, batch_codes, count_matrix, duplicated_names, preview, validate_counts
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def label_codes(adata, labels_key: str | None) -> tuple[np.ndarray, list]:
     if col.isna().any():
         missing = adata.obs_names[col.isna().to_numpy()]
         raise InputError(
-            f"adata.obs[{labels_key!r}] has {int(col.isna().sum())} missing labels (cells {_preview(missing, 3)}); "
+            f"adata.obs[{labels_key!r}] has {int(col.isna().sum())} missing labels (cells {preview(missing, 3)}); "
             "label every cell or drop the unlabelled ones."
         )
     if isinstance(col.dtype, pd.CategoricalDtype):
@@ -142,49 +142,23 @@ def check_reference(
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"the reference is empty (shape {adata.shape}).")
     var_names = pd.Index(adata.var_names.astype(str))
-    dup = _duplicates(var_names)
+    dup = duplicated_names(var_names)
     if dup:
-        raise InputError(f"the reference has duplicate gene names {_preview(dup)}; call adata.var_names_make_unique().")
+        raise InputError(f"the reference has duplicate gene names {preview(dup)}; call adata.var_names_make_unique().")
     codes, names = label_codes(adata, labels_key)
     b_codes, b_names = batch_codes(adata, batch_key)
     X = count_matrix(adata, layer)
     what = "reference adata.X" if layer is None else f"reference adata.layers[{layer!r}]"
     validate_counts(X, adata.obs_names, var_names, what=what)
     X = sparse.csr_matrix(X, dtype=np.float32)
-
     counts = pd.Series(np.bincount(codes, minlength=len(names)), index=names, name="n_cells")
-    small = {k: int(v) for k, v in counts.items() if v < int(min_cells)}
-    if small:
-        shown = ", ".join(f"{k!r}: {v}" for k, v in sorted(small.items(), key=lambda kv: kv[1]))
-        logger.warning(
-            "%d label(s) have fewer than %d cells, so their signatures will be noisy: %s. "
-            "Merge or drop them if you can.",
-            len(small),
-            int(min_cells),
-            shown,
-        )
-    gene_totals = np.asarray(X.sum(axis=0)).ravel()
-    cell_totals = np.asarray(X.sum(axis=1)).ravel()
-    if not gene_totals.any():
-        raise InputError(f"{what} holds no counts at all (every entry is zero).")
-    n_empty_genes = int((gene_totals == 0).sum())
-    n_empty_cells = int((cell_totals == 0).sum())
-    if n_empty_genes:
-        logger.warning(
-            "%d of %d genes have zero counts in every cell (e.g. %s); remove them with filter_genes() first.",
-            n_empty_genes,
-            adata.n_vars,
-            _preview(var_names[gene_totals == 0], 3),
-        )
-    if n_empty_cells:
-        logger.warning("%d cells have zero counts over all genes", n_empty_cells)
+    small = _small_labels(counts, int(min_cells))
     report = {
         "n_cells": adata.n_obs,
         "n_genes": adata.n_vars,
         "n_labels": len(names),
         "n_batches": len(b_names),
-        "n_genes_empty": n_empty_genes,
-        "n_cells_empty": n_empty_cells,
+        **_empty_genes_and_cells(X, var_names, what),
     }
     logger.info(
         "reference: %d cells x %d genes, %d labels, %d batch(es)", adata.n_obs, adata.n_vars, len(names), len(b_names)
@@ -201,3 +175,38 @@ def check_reference(
         small_labels=small,
         report=report,
     )
+
+
+def _small_labels(counts: pd.Series, min_cells: int) -> dict:
+    """Labels with fewer than ``min_cells`` cells -> their count (warned about: noisy signatures)."""
+    small = {k: int(v) for k, v in counts.items() if v < min_cells}
+    if small:
+        shown = ", ".join(f"{k!r}: {v}" for k, v in sorted(small.items(), key=lambda kv: kv[1]))
+        logger.warning(
+            "%d label(s) have fewer than %d cells, so their signatures will be noisy: %s. "
+            "Merge or drop them if you can.",
+            len(small),
+            min_cells,
+            shown,
+        )
+    return small
+
+
+def _empty_genes_and_cells(X: sparse.csr_matrix, var_names: pd.Index, what: str) -> dict:
+    """Genes and cells without any count (warned about); no count at all is an :class:`InputError`."""
+    gene_totals = np.asarray(X.sum(axis=0)).ravel()
+    cell_totals = np.asarray(X.sum(axis=1)).ravel()
+    if not gene_totals.any():
+        raise InputError(f"{what} holds no counts at all (every entry is zero).")
+    n_empty_genes = int((gene_totals == 0).sum())
+    n_empty_cells = int((cell_totals == 0).sum())
+    if n_empty_genes:
+        logger.warning(
+            "%d of %d genes have zero counts in every cell (e.g. %s); remove them with filter_genes() first.",
+            n_empty_genes,
+            len(var_names),
+            preview(var_names[gene_totals == 0], 3),
+        )
+    if n_empty_cells:
+        logger.warning("%d cells have zero counts over all genes", n_empty_cells)
+    return {"n_genes_empty": n_empty_genes, "n_cells_empty": n_empty_cells}
