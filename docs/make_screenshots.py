@@ -11,10 +11,11 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QApplication
 
+from napari_cell2location._layers import feature_table
 from napari_cell2location._qt._demo import open_demo
 
 OUT = Path(__file__).parent
-EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 0  # 0: the fast mode (stops when converged)
 
 
 def wait(cond, timeout=3600):
@@ -34,7 +35,8 @@ def main():
     wait(lambda: dock.fit.worker is None)
     results = viewer.layers["cell abundance"]
     viewer.layers["synthetic section"].visible = False
-    q05 = results.features[[c for c in results.features if c.startswith("q05 ")]]
+    table = feature_table(results)
+    q05 = table[[c for c in table if c.startswith("q05 ")]]
     top = [c[4:] for c in q05.mean().sort_values(ascending=False).index[:3]]
     dock.results.show_composite(top, "q05")
     viewer.reset_view()
