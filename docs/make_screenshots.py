@@ -30,7 +30,7 @@ def wait(cond, timeout=3600):
 def main():
     viewer = napari.Viewer(title="napari-cell2location demo")
     viewer.window._qt_window.resize(1650, 1000)
-    dock = open_demo(viewer, fit_settings={"epochs": EPOCHS, "lr": 0.01})
+    dock = open_demo(viewer, fit_settings={"epochs": EPOCHS})
     dock.fit.run()
     wait(lambda: dock.fit.worker is None)
     results = viewer.layers["cell abundance"]

@@ -385,7 +385,7 @@ def test_grouped_lgamma_gives_the_same_total_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_fast_mode_nnls_init_and_early_stopping(tiny):
+def test_fast_mode_starts_from_the_prior_and_stops_on_the_answer(tiny):
     from napari_cell2location.model._cell2location import AUTO_MAX_EPOCHS, ConvergenceStopper
 
     adata, sig, w = tiny
@@ -395,16 +395,30 @@ def test_fast_mode_nnls_init_and_early_stopping(tiny):
     assert first.total == AUTO_MAX_EPOCHS and first.loss > 0
     gen.close()
     assert mod.guide.prototype_trace is not None
+    assert "w_sf" not in mod._init_values  # the original's start: every w_sf at its prior mean
+    mod = Cell2location(adata, sig, N_cells_per_location=float(w.sum(1).mean()))
+    mod.train(max_epochs=None, seed=0, progress_bar=False)
+    epochs = len(mod.history_["elbo_train"])
+    assert 300 <= epochs < AUTO_MAX_EPOCHS  # stopped on the answer, not at the cap
+    assert (
+        mod.history_["stop_reason"].startswith("the abundances converged")
+        and f"{epochs} epochs" in mod.history_["stop_reason"]
+    )
+    # a loss-based stopper still works when given
     mod = Cell2location(adata, sig, N_cells_per_location=float(w.sum(1).mean()))
     stopper = ConvergenceStopper(window=50, rtol=5e-3, patience=1, min_epochs=100)
     recs = list(mod.iter_train(max_epochs=None, seed=0, early_stopping=stopper))
-    assert 100 <= len(recs) < AUTO_MAX_EPOCHS  # stopped on convergence, not at the cap
+    assert 100 <= len(recs) < AUTO_MAX_EPOCHS and mod.history_["stop_reason"].startswith("the loss converged")
+    # the regression start on request
+    mod = Cell2location(adata, sig, N_cells_per_location=float(w.sum(1).mean()))
+    mod.train(max_epochs=5, init="nnls", seed=0, progress_bar=False)
     start = mod._init_values["w_sf"]
     assert start.shape == w.shape and np.corrcoef(start.ravel(), w.ravel())[0, 1] > 0.8
     # an explicit max_epochs runs exactly that many epochs from the prior (the original's behaviour)
     other = Cell2location(adata, sig)
     other.train(max_epochs=7, progress_bar=False)
     assert len(other.history_["elbo_train"]) == 7 and "w_sf" not in other._init_values
+    assert other.history_["stop_reason"] == "7 epochs done"
     with pytest.raises(InputError, match="init must be"):
         other.train(max_epochs=1, init="random", progress_bar=False)
     stopper = ConvergenceStopper(window=10, rtol=1e-3, patience=1, min_epochs=30)

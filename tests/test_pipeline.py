@@ -362,3 +362,22 @@ def test_guides_set_up_through_the_public_call(tiny, small_reference):
     records, result = run(iter_signatures(ref, labels_key="ct", max_epochs=2, filter=False, device="cpu"))
     _check_guide(result.model, ref.n_obs, ref.n_vars)
     assert "data_target" not in result.model.guide.prototype_trace.nodes
+
+
+def test_fast_mode_tolerance_goes_through_the_pipeline_and_the_cli(make_tiny, tmp_path):
+    """A looser tolerance stops the fast mode sooner; the CLI's --tolerance is the same setting."""
+    import json
+
+    from napari_cell2location._cli import main
+
+    adata, sig, _ = make_tiny(n_obs=30, n_vars=50, n_factors=3)
+    loose = fit(adata.copy(), sig, tolerance=0.5, device="cpu", progress_bar=False).model
+    assert "change < 0.5 per unit" in loose.history_["stop_reason"]
+    assert len(loose.history_["elbo_train"]) == 300  # the earliest stop: min_epochs, 2 windows under it
+    spatial, sig_path = tmp_path / "s.h5ad", tmp_path / "sig.csv"
+    adata.write_h5ad(spatial)
+    sig.to_csv(sig_path)
+    argv = ["fit", str(spatial), "--signatures", str(sig_path), "--out", str(tmp_path / "o.h5ad"), "--quiet"]
+    assert main([*argv, "--tolerance", "0.5", "--device", "cpu", "--save-model", str(tmp_path / "m")]) == 0
+    attrs = json.loads((tmp_path / "m" / "attr.json").read_text())
+    assert "change < 0.5 per unit" in attrs["stop_reason"] and len(attrs["history"]) == 300

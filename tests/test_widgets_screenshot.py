@@ -30,7 +30,7 @@ def test_demo_command_opens_viewer_ready_to_run(make_napari_viewer, monkeypatch,
     assert [type(layer).__name__ for layer in viewer.layers] == ["Image", "Points"]
     dock = viewer.window.dock_widgets["Cell2location"]
     assert isinstance(dock, Cell2locationDock)
-    assert dock.fit.run_button.enabled and dock.fit.epochs.value == 123 and dock.fit.lr.value == pytest.approx(0.01)
+    assert dock.fit.run_button.enabled and dock.fit.epochs.value == 123 and dock.fit.lr.value == 0.0  # lr 0: auto
     assert dock.tabs.tabText(dock.tabs.currentIndex()) == "Fit"
 
 

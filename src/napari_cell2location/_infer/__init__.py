@@ -14,7 +14,7 @@ the other's private modules.
 
 from ._device import describe_device, json_ready, resolve_device, to_numpy
 from ._estimator import PyroEstimator, aligned_order, register_fields
-from ._likelihood import CountsPattern, NegativeBinomialCounts, nb_log_likelihood
+from ._likelihood import MAX_ALPHA, CountsPattern, NegativeBinomialCounts, nb_log_likelihood, overdispersion
 from ._posterior import (
     DEFAULT_SUMMARIES,
     DrawSummaries,
@@ -27,6 +27,7 @@ from ._posterior import (
 from ._sites import Site, gene_background_sites, sample_gene_background, sample_sites
 from ._training import (
     Adam,
+    AnswerStopper,
     ConvergenceStopper,
     Stage,
     TrainStep,
@@ -38,7 +39,9 @@ from ._training import (
 
 __all__ = [
     "DEFAULT_SUMMARIES",
+    "MAX_ALPHA",
     "Adam",
+    "AnswerStopper",
     "ConvergenceStopper",
     "CountsPattern",
     "DrawSummaries",
@@ -58,6 +61,7 @@ __all__ = [
     "gene_background_sites",
     "json_ready",
     "nb_log_likelihood",
+    "overdispersion",
     "parse_quantile",
     "register_fields",
     "resolve_device",

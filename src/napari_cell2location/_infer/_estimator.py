@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from datetime import date
 from pathlib import Path
 
@@ -37,6 +38,12 @@ from ._training import check_training_args, consume, epoch_batches, svi_steps
 logger = logging.getLogger(__name__)
 
 _DEFAULT_INIT = init_to_mean(fallback=init_to_feasible)
+#: largest posterior standard deviation of a site in the guide's log space (a factor e^10 either side at
+#: 95 %): a site the data do not constrain (e.g. the overdispersion of a gene with almost no counts)
+#: otherwise widens without end under noisy gradients, and its extreme draws destabilise the
+#: hyperparameters it shares with every other site; sites the data constrain stay far below it
+MAX_GUIDE_SCALE = 5.0
+_RAW_SCALE_MAX = math.log(math.expm1(MAX_GUIDE_SCALE))  # softplus(raw) = MAX_GUIDE_SCALE
 
 
 def aligned_order(given, trained: pd.Index, what: str) -> np.ndarray | None:
@@ -104,6 +111,8 @@ class PyroEstimator(PosteriorMixin):
     _NAN_HINT = "normalised or non-integer counts"
     #: axes of the model's own panels in :meth:`plot_QC`
     _QC_EXTRA_PANELS = 0
+    #: the site whose posterior means are "the answer" an :class:`AnswerStopper` watches
+    _ANSWER_SITE: str = ""
 
     # ------------------------------------------------------------------ set-up
     def _init_inference(self, make_module, init_values: dict | None = None) -> None:
@@ -121,6 +130,7 @@ class PyroEstimator(PosteriorMixin):
         self._init_values: dict = dict(init_values or {})
         self._history: list[float] = []
         self.is_trained_ = False
+        self.stop_reason_ = ""
         self.samples: dict = {}
         self._summary = None
 
@@ -141,6 +151,12 @@ class PyroEstimator(PosteriorMixin):
                     self.guide(*self._prototype_args(device))
             self.guide.to(device)
         self._summary = None
+
+    @torch.no_grad()
+    def _bound_guide_scales(self) -> None:
+        """Keep every site's guide scale at most :data:`MAX_GUIDE_SCALE` (after each optimiser step)."""
+        for raw in self.guide.scales.parameters():
+            raw.clamp_(max=_RAW_SCALE_MAX)
 
     def _batch_args(self, ind: np.ndarray, device) -> tuple:
         """Model arguments of the observations ``ind`` (sorted)."""
@@ -174,7 +190,8 @@ class PyroEstimator(PosteriorMixin):
 
         ``before_setup(device)`` runs before a guide that is not set up yet is (e.g. to compute
         starting values); ``make_loss()``, called once the guide is set up, returns the step's loss
-        function (default Pyro's ``Trace_ELBO``).
+        function (default Pyro's ``Trace_ELBO``). A ``stopper`` with ``bind`` (:class:`AnswerStopper`)
+        is bound to this run's answer (:meth:`_answer`). What ended the run is kept in ``stop_reason_``.
         """
         check_training_args(max_epochs, batch_size, train_size, lr, num_particles)
         dev = resolve_device(device)
@@ -183,13 +200,17 @@ class PyroEstimator(PosteriorMixin):
         if before_setup is not None and self.guide.prototype_trace is None:
             before_setup(dev)
         self._ensure_guide(dev)
+        self._bound_guide_scales()  # also parameters set or loaded from elsewhere
         logger.info("%s on %s", self._PROGRESS, describe_device(dev))
         batches, steps_per_epoch = epoch_batches(
             self.n_obs, batch_size, lambda ind: self._batch_args(ind, dev), lambda: self._full_args(dev), seed
         )
+        if hasattr(stopper, "bind"):
+            stopper.bind(self._answer, lr, steps_per_epoch)
         n_before = len(self._history)
+        self.stop_reason_ = "interrupted"
         try:
-            yield from svi_steps(
+            self.stop_reason_ = yield from svi_steps(
                 self.module,
                 self.guide,
                 batches,
@@ -202,10 +223,18 @@ class PyroEstimator(PosteriorMixin):
                 stopper=stopper,
                 nan_hint=self._NAN_HINT,
                 loss_fn=None if make_loss is None else make_loss(),
+                after_step=self._bound_guide_scales,
             )
         finally:  # also when closed early (a GUI's cancel): record whether any epoch ran
             self.is_trained_ = self.is_trained_ or len(self._history) > n_before
             self._summary = None
+
+    @torch.no_grad()
+    def _answer(self) -> torch.Tensor:
+        """Posterior means of :attr:`_ANSWER_SITE`, exactly (exp(loc + scale^2 / 2) of a log-normal)."""
+        loc = getattr(self.guide.locs, self._ANSWER_SITE)
+        scale = getattr(self.guide.scales, self._ANSWER_SITE)
+        return torch.exp(loc + 0.5 * scale.square())
 
     def _train_to_end(self, train_args: dict, kwargs: dict, progress_bar: bool):
         """``train()``'s body: refuse keywords ``iter_train`` does not take beyond ``train_args``, then
@@ -219,8 +248,12 @@ class PyroEstimator(PosteriorMixin):
 
     @property
     def history_(self) -> dict:
-        """``{'elbo_train': DataFrame}``: the training loss (negative ELBO) of each epoch."""
-        return {"elbo_train": pd.DataFrame({"elbo_train": np.asarray(self._history, dtype=float)})}
+        """``{'elbo_train': DataFrame, 'stop_reason': str}``: the training loss (negative ELBO) of each
+        epoch, and what ended the last training run."""
+        return {
+            "elbo_train": pd.DataFrame({"elbo_train": np.asarray(self._history, dtype=float)}),
+            "stop_reason": self.stop_reason_,
+        }
 
     def plot_history(self, iter_start: int = 0, iter_end: int = -1, ax=None):
         """Plot the training loss; returns the matplotlib Axes."""
@@ -346,7 +379,7 @@ class PyroEstimator(PosteriorMixin):
         state = {k: v.detach().cpu() for k, v in self.guide.state_dict().items()}
         torch.save({"guide": state}, path / self.PARAMS_FILE)
         with open(path / "attr.json", "w") as fh:
-            json.dump({**self._save_attrs(), "history": list(self._history)}, fh)
+            json.dump({**self._save_attrs(), "history": list(self._history), "stop_reason": self.stop_reason_}, fh)
         self._save_files(path)
         if save_anndata:
             self.adata.write_h5ad(path / "adata.h5ad")
@@ -383,6 +416,7 @@ class PyroEstimator(PosteriorMixin):
         state = torch.load(path / obj.PARAMS_FILE, map_location=obj.device, weights_only=True)
         obj.guide.load_state_dict(state["guide"])
         obj._history = [float(v) for v in attrs["history"]]
+        obj.stop_reason_ = attrs.get("stop_reason", "")
         obj.is_trained_ = True
         return obj
 

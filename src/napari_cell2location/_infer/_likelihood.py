@@ -31,6 +31,25 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+#: largest inverse dispersion alpha used (variance mu + mu^2 / alpha is Poisson's to 1e-5 relative):
+#: beyond it float32 cannot represent the alpha terms of the likelihood, and a draw of
+#: ``alpha_g_inverse`` near zero (alpha = 1 / inverse^2 overflowing) turned the loss into NaN
+MAX_ALPHA = 1e5
+
+
+def overdispersion(alpha_g_inverse):
+    """The NB's inverse dispersion alpha = 1 / alpha_g_inverse^2, at most :data:`MAX_ALPHA` (tensor or array).
+
+    The bound is applied to ``alpha_g_inverse`` (at least ``MAX_ALPHA ** -0.5``), so no infinite
+    derivative of the power is ever formed (0 x inf would still be NaN).
+    """
+    floor = MAX_ALPHA**-0.5
+    if isinstance(alpha_g_inverse, torch.Tensor):
+        return alpha_g_inverse.clamp(min=floor).pow(-2)
+    import numpy as np
+
+    return 1.0 / np.maximum(np.asarray(alpha_g_inverse, dtype=np.float64), floor) ** 2
+
 
 class _DenseNBTerms(torch.autograd.Function):
     """sum_g [x log mu - (alpha + x) log(alpha + mu)] per observation, with a hand-written backward.

@@ -3,7 +3,7 @@
 Built on the shared inference engine (:mod:`napari_cell2location._infer`). Imports no Qt and no napari.
 """
 
-from .._infer import ConvergenceStopper, NegativeBinomialCounts, Stage, TrainStep, resolve_device
+from .._infer import AnswerStopper, ConvergenceStopper, NegativeBinomialCounts, Stage, TrainStep, resolve_device
 from .._variants import ModelVariant
 from ._cell2location import Cell2location, check_n_cells
 from ._modules import (
@@ -18,6 +18,7 @@ from ._pipeline import FitResult, FitSettings, build_model, fit, iter_fit, iter_
 from ._qc import model_qc, spot_detail, spot_qc, worst_explained
 
 __all__ = [
+    "AnswerStopper",
     "Cell2location",
     "Cell2locationModule",
     "ConvergenceStopper",

@@ -22,7 +22,15 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from .._infer import CountsPattern, NegativeBinomialCounts, Site, gene_background_sites, nb_log_likelihood, sample_sites
+from .._infer import (
+    CountsPattern,
+    NegativeBinomialCounts,
+    Site,
+    gene_background_sites,
+    nb_log_likelihood,
+    overdispersion,
+    sample_sites,
+)
 
 #: default prior of the platform effect m_g (models with m_g)
 M_G_PRIOR = {"alpha_mean": 3.0, "mean": 1.0, "mean_var_ratio": 1.0}
@@ -251,7 +259,7 @@ class LocationModelBase(PyroModule):
         else:
             obs2batch = torch.nn.functional.one_hot(batch, self.n_batch).to(expected.dtype)  # (B, E)
             mu = (expected + obs2batch @ v["s_g_gene_add"]) * v["detection_y_s"]  # (B, G)
-        return mu, v["alpha_g_inverse"].pow(-2), obs2batch
+        return mu, overdispersion(v["alpha_g_inverse"]), obs2batch
 
     def _counts_distribution(self, v: dict, x_data, batch) -> NegativeBinomialCounts:
         mu, alpha, obs2batch = self._mean_and_alpha(v, batch)
@@ -290,7 +298,7 @@ class LocationModelBase(PyroModule):
             v.get("m_g"),
             v["s_g_gene_add"],
             v["detection_y_s"],
-            v["alpha_g_inverse"].pow(-2),
+            overdispersion(v["alpha_g_inverse"]),
             self.cell_state,
             x_data,
             batch,
@@ -361,7 +369,7 @@ class LocationModelBase(PyroModule):
         if not hide_ambient:
             mu = mu + s_add[ind_x]
         mu = mu * y_s[ind_x]
-        alpha = 1.0 / np.asarray(samples["alpha_g_inverse"])[batch[ind_x]] ** 2
+        alpha = overdispersion(np.asarray(samples["alpha_g_inverse"])[batch[ind_x]])
         return {"mu": mu, "alpha": alpha, "ind_x": ind_x}
 
     def compute_expected_per_cell_type(self, samples, batch_index, ind_x=None, x_data=None):

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .._contract import EXPORTED_SUMMARIES
-from .._infer import Stage, consume
+from .._infer import AnswerStopper, Stage, consume
 from .._variants import ModelVariant
 from ._cell2location import Cell2location
 from ._qc import model_qc
@@ -42,7 +42,12 @@ class FitSettings:
     batch_key, layer : str, optional
         Column of ``obs`` with each spot's section; layer with raw counts (default ``X``).
     max_epochs : int, optional
-        Epochs; None: the fast mode (regression start, stop when converged).
+        Epochs (the original's schedule); None: the fast mode, which stops when the abundances have
+        converged (see ``Cell2location.iter_train``).
+    tolerance : float, optional
+        The fast mode's convergence tolerance (an
+        :class:`~napari_cell2location.model.AnswerStopper`'s; None: its default, 0.02). Lower trains
+        longer, further along the drift of the original's own answer.
     batch_size : int, optional
         Spots per minibatch; None: all at once.
     lr : float, optional
@@ -67,6 +72,7 @@ class FitSettings:
     batch_key: str | None = None
     layer: str | None = None
     max_epochs: int | None = None
+    tolerance: float | None = None
     batch_size: int | None = None
     lr: float | None = None
     device: str = "auto"
@@ -153,12 +159,16 @@ def iter_fit(adata, signatures: pd.DataFrame, settings: FitSettings | None = Non
     settings = replace(settings or FitSettings(), **changes)
     mod = build_model(adata, signatures, settings)
     yield Stage("model", mod)
+    stopper = None
+    if settings.max_epochs is None and settings.tolerance is not None:
+        stopper = AnswerStopper(tolerance=settings.tolerance)
     yield from mod.iter_train(
         max_epochs=settings.max_epochs,
         batch_size=settings.batch_size,
         lr=settings.lr,
         device=settings.device,
         seed=settings.seed,
+        early_stopping=stopper,
     )
     yield Stage("exporting")
     return _export(mod, adata, settings)

@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from .._infer import CountsPattern, NegativeBinomialCounts, sample_gene_background
+from .._infer import CountsPattern, NegativeBinomialCounts, overdispersion, sample_gene_background
 
 _ALPHA_G_PHI_HYP = {"alpha": 9.0, "beta": 3.0}
 _GENE_ADD_ALPHA_HYP = {"alpha": 9.0, "beta": 3.0}
@@ -161,7 +161,7 @@ class RegressionBackgroundDetectionTechPyroModel(PyroModule):
         mu = (per_cluster_mu_fg[label] + s_g_gene_add[batch]) * detection_mean_y_e[batch]  # (B, G)
         if tech is not None:
             mu = mu * tech
-        alpha = alpha_g_inverse.pow(-2)  # (1, G)
+        alpha = overdispersion(alpha_g_inverse)  # (1, G)
         if x_data is None:  # no counts: the guide is being set up
             return mu
         pattern = self._counts_pattern(x_data) if x_data.shape[0] == self.n_obs else None
@@ -193,5 +193,5 @@ class RegressionBackgroundDetectionTechPyroModel(PyroModule):
         if extra_categoricals is not None and "detection_tech_gene_tg" in samples:
             rows = np.asarray(extra_categoricals).astype(int) + np.asarray(tech_offsets).astype(int)
             mu = mu * np.asarray(samples["detection_tech_gene_tg"])[rows].prod(-2)
-        alpha = 1.0 / np.asarray(samples["alpha_g_inverse"]) ** 2
+        alpha = overdispersion(samples["alpha_g_inverse"])
         return {"mu": mu, "alpha": alpha}
