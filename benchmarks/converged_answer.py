@@ -102,12 +102,16 @@ def reference_original(data, steps: int):
     if py is None:
         raise SystemExit("the original cell2location could not be installed")
     with tempfile.TemporaryDirectory() as tmp:
-        adata = data["adata"].copy()
+        # the original needs the same genes in the same order, and keeps all-zero genes (ours drops them)
+        sig = data["signatures"]
+        adata = data["adata"][:, data["adata"].var_names.isin(sig.index)].copy()
+        adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
+        sig = sig.loc[adata.var_names]
         adata.uns.pop("spatial", None)
         if data["batch_key"] is None:
             adata.obs["batch"] = "all"
         adata.write_h5ad(Path(tmp) / "d.h5ad")
-        data["signatures"].to_csv(Path(tmp) / "s.csv")
+        sig.to_csv(Path(tmp) / "s.csv")
         cmd = [str(py), str(HERE / "_runner.py"), "original", str(Path(tmp) / "d.h5ad"), str(Path(tmp) / "s.csv"),
                str(Path(tmp) / "o.npz"), "--steps", str(steps - 1), "--warmup", "1", "--threads", "1",
                "--n-cells", str(data["n_cells"])]  # fmt: skip

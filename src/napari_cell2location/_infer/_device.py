@@ -42,7 +42,8 @@ def describe_device(device: torch.device) -> str:
     """'cuda:0 (NVIDIA ...)' or 'cpu (2 threads)', for logs and the GUI."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'s' if n != 1 else ''})"
 
 
 def to_numpy(value) -> np.ndarray:

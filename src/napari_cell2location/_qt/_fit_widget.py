@@ -32,7 +32,8 @@ def _devices() -> tuple[list[str], str]:
         choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         note = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     else:
-        note = f"no GPU found; cpu ({torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        note = f"no GPU found; cpu ({n} thread{'s' if n != 1 else ''})"
     return choices, note
 
 
