@@ -3,8 +3,10 @@
 ``fit`` runs the fit pipeline (:func:`napari_cell2location.model.iter_fit`) on a file; ``demo
 --headless`` runs it on the built-in synthetic section and writes results and a PNG map;
 ``reference`` runs the signature pipeline (:func:`napari_cell2location.reference.iter_signatures`).
-Bad input exits non-zero with a one-line reason (no traceback). This module imports neither Qt nor
-napari: ``demo`` without ``--headless`` loads the GUI on demand.
+Bad input (a broken file, an unwritable output, ...) exits with status 2 and a one-line reason, no
+traceback; outputs are written under a temporary name and renamed at the end, so a failed run leaves
+existing results as they were. This module imports neither Qt nor napari: ``demo`` without
+``--headless`` loads the GUI on demand.
 """
 
 from __future__ import annotations
@@ -147,11 +149,14 @@ def _fit(adata, signatures, args, batch_key):
 
 
 def cmd_fit(args) -> int:
-    from .io import read_signatures, read_spatial, write_results
+    from .io import check_writable, read_signatures, read_spatial, write_results
 
     out = Path(args.out)
     if out.suffix.lower() not in (".h5ad", ".zarr"):
         raise CLIError(f"--out must end in .h5ad or .zarr, got {args.out!r}")
+    check_writable(out, "--out")  # now, not after a long fit
+    if args.save_model:
+        check_writable(Path(args.save_model) / "attr.json", "--save-model folder")
     adata, sdata = read_spatial(args.spatial, table_key=args.table_key)
     signatures = read_signatures(args.signatures)
     mod = _fit(adata, signatures, args, args.batch_key).model
@@ -221,9 +226,10 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     from .datasets import synthetic_visium
-    from .io import write_results
+    from .io import atomic_output, check_writable, write_results
 
     out = Path(args.out)
+    check_writable(out / "results.zarr", "--out folder")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = synthetic_visium(n_spots=args.n_spots, n_genes=args.n_genes, n_cell_types=args.n_cell_types, seed=args.seed)
@@ -240,9 +246,11 @@ def cmd_demo(args) -> int:
     write_results(adata, out / "results.zarr", sdata=sdata)
     mod.save(out / "model", overwrite=True)
     fig = abundance_figure(adata, data.image, data.scalefactors["tissue_hires_scalef"], mod.factor_names_, truth)
-    fig.savefig(out / "abundance_map.png", dpi=110)
+    with atomic_output(out / "abundance_map.png") as tmp:
+        fig.savefig(tmp, dpi=110)
     qc = mod.plot_QC()
-    qc.savefig(out / "qc.png", dpi=100)
+    with atomic_output(out / "qc.png") as tmp:
+        qc.savefig(tmp, dpi=100)
     elapsed = time.perf_counter() - t0
     print(
         f"demo finished in {elapsed:.0f} s: Pearson r(estimated, true abundance) = {r:.3f}, "
@@ -297,9 +305,12 @@ def cmd_reference(args) -> int:
     path = Path(args.reference)
     if not path.is_file() or path.suffix.lower() != ".h5ad":
         raise CLIError(f"the reference must be an existing .h5ad file, got {args.reference!r}")
-    import anndata
-
+    from .io import atomic_output, check_writable, read_h5ad
     from .reference import SignatureSettings, estimate_signatures
+
+    check_writable(out, "--out")
+    if args.out_h5ad:
+        check_writable(Path(args.out_h5ad), "--out-h5ad")
 
     t0 = time.perf_counter()
     settings = SignatureSettings(
@@ -320,12 +331,15 @@ def cmd_reference(args) -> int:
         use_quantiles=args.use_quantiles,
         num_samples=args.num_samples,
     )
-    result = estimate_signatures(anndata.read_h5ad(path), settings, progress_bar=not args.quiet)
+    reference = read_h5ad(path, "labelled single-cell reference .h5ad")
+    result = estimate_signatures(reference, settings, progress_bar=not args.quiet)
     signatures = result.signatures
     out.parent.mkdir(parents=True, exist_ok=True)
-    signatures.to_csv(out, sep=seps[out.suffix.lower()])
+    with atomic_output(out) as tmp:
+        signatures.to_csv(tmp, sep=seps[out.suffix.lower()])
     if args.out_h5ad:
-        result.adata.write_h5ad(args.out_h5ad)
+        with atomic_output(args.out_h5ad) as tmp:
+            result.adata.write_h5ad(tmp)
     print(
         f"wrote {out} ({signatures.shape[0]} genes x {signatures.shape[1]} cell types, method {args.method}) "
         f"in {time.perf_counter() - t0:.0f} s"
@@ -340,7 +354,7 @@ def main(argv=None) -> int:
     handlers = {"fit": cmd_fit, "demo": cmd_demo, "reference": cmd_reference}
     try:
         return handlers[args.command](args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (CLIError, ValueError, OSError, FloatingPointError) as err:  # bad input or disk: one line, exit 2
         print(f"napari-cell2location {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

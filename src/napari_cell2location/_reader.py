@@ -5,6 +5,10 @@ spot positions; a single-cell reference is left to other readers) are recognised
 :func:`~napari_cell2location.io.spatial_format` and read by :func:`~napari_cell2location.io.read_spatial`.
 Each opens as its sections' H&E (Image layers) and its spots (a Points layer) in full-resolution pixel world
 coordinates (see :mod:`napari_cell2location._layers`); several datasets opened together sit side by side.
+
+A broken file (an ``.h5ad`` that is not HDF5 or is cut short, a zarr without a table, a Space Ranger folder
+without positions, ...) is claimed too, so that its :class:`~napari_cell2location.io.InputError` reaches the
+user as one notification that says what is wrong, instead of napari's traceback or "no reader found".
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import os
 from pathlib import Path
 
 from ._layers import place_side_by_side, spatial_layer_data
-from .io import read_spatial, spatial_format
+from .io import InputError, read_spatial, spatial_format
+
+#: what a reader returns when it read the file but has no layer to add (npe2's "null layer" value)
+NO_LAYERS = [(None,)]
 
 
 def _paths(path) -> list:
@@ -46,5 +53,14 @@ def layer_data_from_path(path: str | os.PathLike) -> list[tuple]:
 
 
 def reader_function(path) -> list[tuple]:
-    """Read one or more datasets; several open side by side (never overlapped)."""
-    return place_side_by_side([layer_data_from_path(p) for p in _paths(path)])
+    """Read one or more datasets; several open side by side (never overlapped).
+
+    A file that cannot be read is reported as a notification (its one-line reason) and opens nothing.
+    """
+    try:
+        return place_side_by_side([layer_data_from_path(p) for p in _paths(path)])
+    except InputError as err:
+        from napari.utils.notifications import show_error
+
+        show_error(str(err))
+        return NO_LAYERS

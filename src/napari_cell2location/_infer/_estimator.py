@@ -30,7 +30,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 from scipy import sparse
 
-from ..io import InputError
+from ..io import InputError, atomic_output, read_h5ad, reading
 from ._device import describe_device, resolve_device
 from ._posterior import DEFAULT_SUMMARIES, PosteriorMixin, check_summaries
 from ._training import check_training_args, consume, epoch_batches, svi_steps
@@ -377,12 +377,16 @@ class PyroEstimator(PosteriorMixin):
             raise RuntimeError("nothing to save: the model has not been trained")
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.guide.state_dict().items()}
-        torch.save({"guide": state}, path / self.PARAMS_FILE)
-        with open(path / "attr.json", "w") as fh:
-            json.dump({**self._save_attrs(), "history": list(self._history), "stop_reason": self.stop_reason_}, fh)
+        with atomic_output(path / self.PARAMS_FILE) as tmp:  # each file replaced only once complete
+            torch.save({"guide": state}, tmp)
         self._save_files(path)
         if save_anndata:
-            self.adata.write_h5ad(path / "adata.h5ad")
+            with atomic_output(path / "adata.h5ad") as tmp:
+                self.adata.write_h5ad(tmp)
+        with atomic_output(path / "attr.json") as tmp:  # last: a folder with attr.json holds a whole model
+            tmp.write_text(
+                json.dumps({**self._save_attrs(), "history": list(self._history), "stop_reason": self.stop_reason_})
+            )
         logger.info("saved %s to %s", type(self).__name__, path)
         return path
 
@@ -403,18 +407,18 @@ class PyroEstimator(PosteriorMixin):
         path = Path(dir_path)
         if not (path / "attr.json").exists():
             raise FileNotFoundError(f"{path} does not hold a saved {cls.__name__} (no attr.json)")
-        with open(path / "attr.json") as fh:
-            attrs = json.load(fh)
+        with reading(path / "attr.json", f"saved {cls.__name__} description (JSON)"):
+            attrs = json.loads((path / "attr.json").read_text())
+            attrs["history"]  # noqa: B018 - a description without history is not one of ours
         if adata is None:
             if not (path / "adata.h5ad").exists():
                 raise InputError(f"pass adata: {path} has no saved AnnData")
-            import anndata
-
-            adata = anndata.read_h5ad(path / "adata.h5ad")
+            adata = read_h5ad(path / "adata.h5ad", "saved training AnnData")
         obj = cls._from_saved(path, attrs, adata)
         obj._ensure_guide(resolve_device(device))
-        state = torch.load(path / obj.PARAMS_FILE, map_location=obj.device, weights_only=True)
-        obj.guide.load_state_dict(state["guide"])
+        with reading(path / obj.PARAMS_FILE, f"saved {cls.__name__} parameter file"):
+            state = torch.load(path / obj.PARAMS_FILE, map_location=obj.device, weights_only=True)
+            obj.guide.load_state_dict(state["guide"])
         obj._history = [float(v) for v in attrs["history"]]
         obj.stop_reason_ = attrs.get("stop_reason", "")
         obj.is_trained_ = True

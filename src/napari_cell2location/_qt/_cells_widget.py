@@ -25,7 +25,7 @@ from napari.utils.notifications import show_error, show_warning
 
 from ._mpl import MplCanvas
 from ._state import SharedState, context_of, state_of
-from ._worker import cancel_worker, start_worker
+from ._worker import cancel_worker, log_failure, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class CellsPerSpotWidget(Container):
             self.count()
 
     def _on_error(self, err):
-        logger.exception("nuclei detection failed", exc_info=err)
+        log_failure(logger, "nuclei detection", err)
         self.status.value = f"failed: {err}"
         show_error(f"Nuclei detection failed: {err}")
 

@@ -16,7 +16,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from .._variants import ModelVariant
 from ._mpl import MplCanvas
 from ._state import SharedState, context_of, state_of
-from ._worker import cancel_worker, fmt_time, show_training_item, start_worker
+from ._worker import cancel_worker, fmt_time, log_failure, show_training_item, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class FitWidget(Container):
         show_info(f"Cell2location {what} in {fmt_time(elapsed)}; see the '{results.name}' layer.")
 
     def _on_error(self, err):
-        logger.exception("fit failed", exc_info=err)
+        log_failure(logger, "fit", err)
         self.status.value = f"failed: {err}"
         what = "loading the model" if getattr(self, "_job", "fit") == "load" else "fit"
         show_error(f"Cell2location {what} failed: {err}")

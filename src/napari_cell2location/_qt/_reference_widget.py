@@ -27,7 +27,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._mpl import MplCanvas
 from ._state import SharedState, state_of
-from ._worker import cancel_worker, show_training_item, start_worker
+from ._worker import cancel_worker, log_failure, show_training_item, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -139,16 +139,16 @@ class ReferenceWidget(Container):
     # ------------------------------------------------------------------ opening
     def open_reference(self, _value=None, path=None):
         """Read a reference ``.h5ad`` (on error a notification, and the current reference stays)."""
-        import anndata
+        from ..io import InputError, read_h5ad
 
         path = Path(path if path is not None else self.path.value)
         if path.suffix.lower() != ".h5ad" or not path.is_file():
             show_error(f"Choose a labelled single-cell .h5ad file, not {str(path)!r}.")
             return False
         try:
-            adata = anndata.read_h5ad(path)
-        except (OSError, ValueError, KeyError) as err:
-            show_error(f"Cannot read {path.name}: {err}")
+            adata = read_h5ad(path, "labelled single-cell reference .h5ad")
+        except InputError as err:
+            show_error(str(err))
             return False
         self.set_reference(adata, source=path.name)
         return True
@@ -326,7 +326,7 @@ class ReferenceWidget(Container):
         self.send_to_fit(quiet=True)
 
     def _on_error(self, err):
-        logger.error("reference signatures failed: %s", err)
+        log_failure(logger, "reference signatures", err)
         self.status.value = f"failed: {err}"
         show_error(f"Reference signatures failed: {err}")
 
@@ -359,8 +359,11 @@ class ReferenceWidget(Container):
         if path.suffix.lower() not in (".csv", ".tsv"):
             show_error(f"Save signatures to a .csv (or .tsv) file, not {path.name!r}.")
             return None
+        from ..io import atomic_output
+
         try:
-            self.signatures.to_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+            with atomic_output(path) as tmp:
+                self.signatures.to_csv(tmp, sep="\t" if path.suffix.lower() == ".tsv" else ",")
         except OSError as err:
             show_error(f"Cannot save signatures to {path}: {err}")
             return None

@@ -24,6 +24,17 @@ def start_worker(owner, func, *args, on_yielded, on_returned, **kwargs):
     return worker
 
 
+def log_failure(logger, what: str, err: BaseException) -> None:
+    """Log a job's failure: bad input (:class:`~napari_cell2location.io.InputError`) as one line, anything
+    else with its traceback (for a bug report)."""
+    from ..io import InputError
+
+    if isinstance(err, InputError):
+        logger.error("%s failed: %s", what, err)
+    else:
+        logger.error("%s failed", what, exc_info=err)
+
+
 def cancel_worker(owner) -> None:
     """Ask ``owner.worker`` to stop at its next yield (between two steps or tiles)."""
     if owner.worker is not None:

@@ -8,6 +8,7 @@ sections placed side by side.
 Imports no Qt and no napari; ``anndata`` / ``spatialdata`` load inside the functions that need them.
 """
 
+from ._files import atomic_output, check_writable, read_h5ad, reading
 from ._read import read_signatures, write_results
 from ._spaceranger import read_spaceranger, spaceranger_root
 from ._spatial import pick_table, read_spatial, spatial_format
@@ -26,15 +27,19 @@ from ._validate import (
 __all__ = [
     "MIN_SHARED_GENES",
     "InputError",
+    "atomic_output",
     "batch_codes",
+    "check_writable",
     "count_matrix",
     "duplicated_names",
     "pick_table",
     "prepare_inputs",
     "preview",
+    "read_h5ad",
     "read_signatures",
     "read_spaceranger",
     "read_spatial",
+    "reading",
     "spaceranger_root",
     "spatial_format",
     "validate_counts",

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ._files import atomic_output, read_h5ad, reading, remove_path, swap_in, temporary_beside
+from ._validate import InputError
+
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
     import spatialdata
@@ -32,10 +35,10 @@ _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zip", ".xz", ".zst"}
 
 
 def _existing_path(path: str | os.PathLike, what: str) -> Path:
-    """Return ``path`` as a :class:`~pathlib.Path`, raising ``ValueError`` if nothing is there."""
+    """Return ``path`` as a :class:`~pathlib.Path`, raising :class:`InputError` if nothing is there."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ValueError(f"{what} path {str(path)!r} does not exist.")
+        raise InputError(f"{what} path {str(path)!r} does not exist.")
     return path
 
 
@@ -79,13 +82,14 @@ def read_signatures(path: str | os.PathLike) -> pd.DataFrame:
 
     Raises
     ------
-    ValueError
-        If the path does not exist, has an unknown extension, or holds no signatures.
+    InputError
+        If the path does not exist, has an unknown extension, is broken (the message says how) or holds
+        no signatures.
     """
     path = _existing_path(path, "Signatures")
     suffix = _format_suffix(path)
     if path.is_dir():
-        raise ValueError(
+        raise InputError(
             f"Signatures path {str(path)!r} is a directory; expected a .csv/.tsv table (genes x cell types) "
             f"or a cell2location reference .h5ad."
         )
@@ -94,7 +98,7 @@ def read_signatures(path: str | os.PathLike) -> pd.DataFrame:
     elif suffix == ".h5ad":
         df = _read_signature_h5ad(path)
     else:
-        raise ValueError(
+        raise InputError(
             f"Cannot read signatures from {str(path)!r}: unknown extension {suffix or '(none)'!r}. "
             f"Expected one of .csv, .tsv, .txt (genes x cell types, gene names in the first column) "
             f"or .h5ad (cell2location reference with varm[{REFERENCE_VARM_KEY!r}])."
@@ -118,22 +122,28 @@ def read_signatures(path: str | os.PathLike) -> pd.DataFrame:
 def _to_float_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
     """Coerce every column of ``df`` to float64, naming the columns that are not numeric."""
     if df.shape[0] == 0 or df.shape[1] == 0:
-        raise ValueError(f"Signatures in {source} are empty (shape {df.shape}); expected genes x cell types.")
+        raise InputError(f"Signatures in {source} are empty (shape {df.shape}); expected genes x cell types.")
     bad = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         shown = ", ".join(repr(c) for c in bad[:5])
-        raise ValueError(
+        raise InputError(
             f"Signatures in {source} have non-numeric column(s) {shown}{' ...' if len(bad) > 5 else ''}. "
             f"Expected gene names in the first column and one numeric column per cell type."
         )
-    return df.astype(np.float64)
+    df = df.astype(np.float64)
+    empty = df.isna().to_numpy()
+    if empty.any():
+        row, col = (int(v[0]) for v in np.nonzero(empty))
+        raise InputError(
+            f"Signatures in {source} have {int(empty.sum())} empty value(s), the first for gene "
+            f"{str(df.index[row])!r}, cell type {str(df.columns[col])!r}. A table cut short?"
+        )
+    return df
 
 
 def _read_signature_table(path: Path, sep: str) -> pd.DataFrame:
-    try:
+    with reading(path, "signatures table (gene names in the first column, one numeric column per cell type)"):
         df = pd.read_csv(path, sep=sep, index_col=0)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"Cannot parse signatures table {str(path)!r}: {err}") from err
     return _to_float_frame(df, repr(str(path)))
 
 
@@ -152,9 +162,7 @@ def _order_by_factor_names(df: pd.DataFrame, factor_names) -> pd.DataFrame:
 
 
 def _read_signature_h5ad(path: Path) -> pd.DataFrame:
-    import anndata
-
-    adata = anndata.read_h5ad(path)
+    adata = read_h5ad(path, "cell2location reference .h5ad")
     source = repr(str(path))
     mod = adata.uns.get("mod", {})
     factor_names = mod.get("factor_names") if isinstance(mod, Mapping) else None
@@ -167,13 +175,13 @@ def _read_signature_h5ad(path: Path) -> pd.DataFrame:
         else:
             matrix = np.asarray(value.toarray() if hasattr(value, "toarray") else value)
             if factor_names is None:
-                raise ValueError(
+                raise InputError(
                     f"{source} holds varm[{REFERENCE_VARM_KEY!r}] as an array but no uns['mod']['factor_names'] "
                     f"to name its columns (cell types)."
                 )
             names = [str(n) for n in np.asarray(factor_names).ravel()]
             if len(names) != matrix.shape[1]:
-                raise ValueError(
+                raise InputError(
                     f"{source}: varm[{REFERENCE_VARM_KEY!r}] has {matrix.shape[1]} columns but "
                     f"uns['mod']['factor_names'] has {len(names)} names."
                 )
@@ -189,7 +197,7 @@ def _read_signature_h5ad(path: Path) -> pd.DataFrame:
         df = _order_by_factor_names(df, factor_names)
         return _to_float_frame(df, f"{source} var[{_REFERENCE_PREFIX}*]")
 
-    raise ValueError(
+    raise InputError(
         f"{source} holds no reference signatures: expected varm[{REFERENCE_VARM_KEY!r}] (columns "
         f"'{_REFERENCE_PREFIX}{{cell_type}}', as written by cell2location's RegressionModel.export_posterior) "
         f"or var columns starting with {_REFERENCE_PREFIX!r}. varm holds {list(adata.varm.keys())}. "
@@ -274,7 +282,7 @@ def _table_key_of(sdata: spatialdata.SpatialData, adata: anndata.AnnData, table_
         return "table"
     if len(sdata.tables) == 1:
         return next(iter(sdata.tables))
-    raise ValueError(
+    raise InputError(
         f"The SpatialData has several tables {list(sdata.tables.keys())} and adata is none of them; "
         f"pass table_key= to say which one to replace."
     )
@@ -307,7 +315,8 @@ def write_results(
     out : str or os.PathLike
         Destination. ``*.h5ad``: ``adata.write_h5ad``. ``*.zarr``: with ``sdata``, the whole
         SpatialData with its table replaced by ``adata`` (``SpatialData.write``); without it, an
-        AnnData zarr store. Parent folders are created; an existing ``out`` is overwritten.
+        AnnData zarr store. Parent folders are created; an existing ``out`` is replaced once the
+        new one is complete.
     sdata : spatialdata.SpatialData, optional
         Dataset ``adata`` belongs to. Its table (``table_key``) is set to ``adata``. Ignored for
         ``.h5ad`` output. When ``out`` is the store ``sdata`` was read from, only the table is
@@ -323,29 +332,21 @@ def write_results(
 
     Raises
     ------
-    ValueError
-        If ``out`` has an unknown extension.
+    InputError
+        If ``out`` has an unknown extension. The file (or store) is written under a temporary name
+        beside ``out`` and renamed over it at the end: a failed or interrupted write leaves an existing
+        ``out`` as it was.
     """
     out = Path(out).expanduser()
     suffix = out.suffix.lower()
     if suffix not in (".h5ad", ".zarr"):
-        raise ValueError(f"Cannot write results to {str(out)!r}: the path must end with .h5ad or .zarr.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    if suffix == ".h5ad":
+        raise InputError(f"Cannot write results to {str(out)!r}: the path must end with .h5ad or .zarr.")
+    if suffix == ".h5ad" or sdata is None:
         if sdata is not None:
             logger.info("Writing only the table to %s; images and shapes need a .zarr destination.", out)
-        with _safe_uns(adata):
-            adata.write_h5ad(out)
+        with _safe_uns(adata), atomic_output(out) as tmp:
+            adata.write_h5ad(tmp) if suffix == ".h5ad" else adata.write_zarr(tmp)
         logger.info("Wrote results %s to %s", adata.shape, out)
-        return out
-
-    if sdata is None:
-        if out.exists():
-            _remove_store(out)
-        with _safe_uns(adata):
-            adata.write_zarr(out)
-        logger.info("Wrote results %s to AnnData zarr store %s", adata.shape, out)
         return out
 
     key = _table_key_of(sdata, adata, table_key)
@@ -356,22 +357,28 @@ def write_results(
             adata.uns[attrs_key] = previous.uns[attrs_key]
         sdata.tables[key] = adata
     with _safe_uns(adata):
-        if _same_path(out, sdata.path):
-            if f"tables/{key}" in sdata.elements_paths_on_disk():
-                sdata.delete_element_from_disk(key)
-            sdata.write_element(key)
+        if _same_path(out, sdata.path) and f"tables/{key}" in sdata.elements_paths_on_disk():
+            _replace_table_in_store(sdata, key, out)
             logger.info("Rewrote table %r in place in %s", key, out)
         else:
-            sdata.write(out, overwrite=True)
+            with atomic_output(out) as tmp:
+                sdata.write(tmp, overwrite=True)
+            sdata.path = out  # written to the temporary name, now renamed
             logger.info("Wrote SpatialData with results in table %r to %s", key, out)
     return out
 
 
-def _remove_store(path: Path) -> None:
-    """Remove an existing output store (a directory or file) before writing a new one."""
-    import shutil
+def _replace_table_in_store(sdata: spatialdata.SpatialData, key: str, store: Path) -> None:
+    """Rewrite one table of the store ``sdata`` was read from without ever removing the old one first:
+    the new table is written as a SpatialData of its own beside the store, then its folder takes the old
+    one's place (images and shapes, possibly large, are not copied)."""
+    import spatialdata
 
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+    tmp = temporary_beside(store, "table")
+    try:
+        spatialdata.SpatialData(tables={key: sdata.tables[key]}).write(tmp)
+        swap_in(tmp / "tables" / key, store / "tables" / key)
+    finally:
+        remove_path(tmp)
+    if sdata.has_consolidated_metadata():
+        sdata.write_consolidated_metadata()

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ._validate import InputError
+
 logger = logging.getLogger(__name__)
 
 #: Visium spot diameter / centre-to-centre distance (55 µm / 100 µm)
@@ -127,7 +129,7 @@ def scanpy_sections(adata) -> tuple[list[Section], np.ndarray, float | None]:
         ``spot_diameter_fullres`` when known.
     """
     if "spatial" not in adata.obsm:
-        raise ValueError(
+        raise InputError(
             "this table has no obsm['spatial'] (spot x, y in full-resolution pixels); cannot place the spots."
         )
     yx = np.asarray(adata.obsm["spatial"], dtype=float)[:, ::-1].copy()
@@ -196,7 +198,7 @@ def spatialdata_sections(sdata, table_key: str | None = None) -> tuple[list[Sect
             diameter = 2.0 * float(np.median(shapes["radius"])) * float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
         sections.append(Section(region, rows[ok]))
     if not sections:
-        raise ValueError(f"table {key!r} annotates {regions}, but none of them is a shapes element of the SpatialData.")
+        raise InputError(f"table {key!r} annotates {regions}, but none of them is a shapes element of the SpatialData.")
     # images in the same coordinate system; a lowres copy of an image that has a hires one is left out
     names = [n for n in sdata.images if cs in get_transformation(sdata.images[n], get_all=True)]
     names = [n for n in names if not ("lowres" in n and n.replace("lowres", "hires") in names)]

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ._files import check_hdf5, reading
+from ._validate import InputError
+
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
 
@@ -77,13 +80,10 @@ def _read_10x_h5(path: Path) -> anndata.AnnData:
     import h5py
     from scipy import sparse
 
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{str(path)!r} is not a readable HDF5 feature-barcode matrix: {err}") from err
-    with f:
+    check_hdf5(path, "a feature-barcode matrix .h5")
+    with h5py.File(path, "r") as f, reading(path, "Space Ranger feature-barcode matrix (.h5)"):
         if "matrix" not in f:
-            raise ValueError(f"{str(path)!r} is not a Space Ranger v3+ feature-barcode matrix (no 'matrix' group).")
+            raise InputError(f"{str(path)!r} is not a Space Ranger v3+ feature-barcode matrix (no 'matrix' group).")
         m = f["matrix"]
         n_genes, n_spots = (int(v) for v in m["shape"][:])
         x = sparse.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=(n_genes, n_spots))
@@ -109,22 +109,22 @@ def _read_10x_mtx(folder: Path) -> anndata.AnnData:
         for name in (f"{stem}.gz", stem):
             if (folder / name).exists():
                 return folder / name
-        raise ValueError(f"Space Ranger matrix folder {str(folder)!r} has no {stem}(.gz).")
+        raise InputError(f"Space Ranger matrix folder {str(folder)!r} has no {stem}(.gz).")
 
     matrix = find("matrix.mtx")
-    try:
+    with reading(matrix, "Matrix Market count matrix"):
         x = sio.mmread(matrix).tocsr().T.tocsr().astype(np.float32)  # (n_spots, n_genes)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{str(matrix)!r} is not a readable Matrix Market file: {err}") from err
-    barcodes = pd.read_csv(find("barcodes.tsv"), sep="\t", header=None)[0].astype(str)
-    feats = pd.read_csv(find("features.tsv") if any(folder.glob("features.tsv*")) else find("genes.tsv"), sep="\t",
-                        header=None)  # fmt: skip
+    with reading(find("barcodes.tsv"), "barcodes file (one barcode per line)"):
+        barcodes = pd.read_csv(find("barcodes.tsv"), sep="\t", header=None)[0].astype(str)
+    features = find("features.tsv") if any(folder.glob("features.tsv*")) else find("genes.tsv")
+    with reading(features, "features file (id, name, type per line)"):
+        feats = pd.read_csv(features, sep="\t", header=None)
     names = feats[1] if feats.shape[1] > 1 else feats[0]
     var = pd.DataFrame({"gene_ids": feats[0].astype(str).to_numpy()}, index=pd.Index(names.astype(str).to_numpy()))
     if feats.shape[1] > 2:
         var["feature_types"] = feats[2].astype(str).to_numpy()
     if x.shape != (len(barcodes), len(var)):
-        raise ValueError(
+        raise InputError(
             f"{str(folder)!r}: matrix is {x.shape} but there are {len(barcodes)} barcodes, {len(var)} genes."
         )
     var.index = _unique(var.index)
@@ -151,17 +151,18 @@ def _read_positions(spatial: Path) -> pd.DataFrame:
         p = spatial / name
         if not p.exists():
             continue
-        if p.suffix == ".parquet":
-            df = pd.read_parquet(p)
-        elif name == "tissue_positions_list.csv":
-            df = pd.read_csv(p, header=None, names=_POSITION_COLUMNS)
-        else:
-            df = pd.read_csv(p)
+        with reading(p, "tissue positions file"):
+            if p.suffix == ".parquet":
+                df = pd.read_parquet(p)
+            elif name == "tissue_positions_list.csv":
+                df = pd.read_csv(p, header=None, names=_POSITION_COLUMNS)
+            else:
+                df = pd.read_csv(p)
         missing = [c for c in _POSITION_COLUMNS if c not in df.columns]
         if missing:
-            raise ValueError(f"{str(p)!r} lacks columns {missing}")
+            raise InputError(f"{str(p)!r} lacks columns {missing}")
         return df.set_index(df["barcode"].astype(str))
-    raise ValueError(f"{str(spatial)!r} has no tissue positions file (one of {', '.join(POSITIONS)}).")
+    raise InputError(f"{str(spatial)!r} has no tissue positions file (one of {', '.join(POSITIONS)}).")
 
 
 def _read_images(spatial: Path) -> dict[str, np.ndarray]:
@@ -172,11 +173,32 @@ def _read_images(spatial: Path) -> dict[str, np.ndarray]:
         if p.exists():
             from skimage.io import imread
 
-            img = imread(p)
+            try:
+                img = imread(p)
+            except Exception as err:  # noqa: BLE001 - a broken image must not cost the user the spots
+                logger.warning("%s is not a readable image (%s): the spots open without it", p, err)
+                continue
             if img.dtype != np.uint8:  # 16-bit PNGs -> 8-bit for display
                 img = (img / max(float(img.max()), 1.0) * 255).astype(np.uint8)
             images[key] = img[..., :3] if img.ndim == 3 else img
+    if not images:
+        logger.warning("%s has no readable tissue image: the spots open without the H&E", spatial)
     return images
+
+
+def _read_scalefactors(spatial: Path) -> dict:
+    """``scalefactors_json.json`` of ``spatial/`` ({} when absent); a broken one is an :class:`InputError`."""
+    p = spatial / "scalefactors_json.json"
+    if not p.exists():
+        logger.warning("%s has no scalefactors_json.json: images are placed at full resolution", spatial)
+        return {}
+    with reading(p, "scale factors file (JSON)"):
+        scalefactors = json.loads(p.read_text())
+    if not isinstance(scalefactors, dict) or not all(
+        isinstance(v, int | float) for k, v in scalefactors.items() if k.endswith(("scalef", "fullres"))
+    ):
+        raise InputError(f"{str(p)!r} is not a Space Ranger scale factors file (a JSON object of numbers).")
+    return scalefactors
 
 
 def read_spaceranger(path: str | os.PathLike, library_id: str | None = None) -> anndata.AnnData:
@@ -201,13 +223,13 @@ def read_spaceranger(path: str | os.PathLike, library_id: str | None = None) -> 
 
     Raises
     ------
-    ValueError
+    InputError
         If ``path`` is not a Space Ranger folder, or a file in it is missing or unreadable (the message
-        names the file).
+        names the file). A missing or unreadable image is only a warning: the spots open without it.
     """
     root = spaceranger_root(path)
     if root is None:
-        raise ValueError(f"{str(path)!r} is not a Space Ranger output folder (needs spatial/ and a count matrix).")
+        raise InputError(f"{str(path)!r} is not a Space Ranger output folder (needs spatial/ and a count matrix).")
     h5 = next((root / n for n in MATRIX_H5 if (root / n).is_file()), None)
     adata = (
         _read_10x_h5(h5)
@@ -218,7 +240,7 @@ def read_spaceranger(path: str | os.PathLike, library_id: str | None = None) -> 
     pos = _read_positions(spatial)
     missing = adata.obs_names.difference(pos.index)
     if len(missing):
-        raise ValueError(
+        raise InputError(
             f"{str(root)!r}: {len(missing)} barcodes of the matrix have no tissue position in spatial/, "
             f"e.g. {missing[0]!r}."
         )
@@ -226,9 +248,7 @@ def read_spaceranger(path: str | os.PathLike, library_id: str | None = None) -> 
     for col in ("in_tissue", "array_row", "array_col"):
         adata.obs[col] = pos[col].to_numpy().astype(int)
     adata.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
-    scalefactors = {}
-    if (spatial / "scalefactors_json.json").exists():
-        scalefactors = json.loads((spatial / "scalefactors_json.json").read_text())
+    scalefactors = _read_scalefactors(spatial)
     lib = library_id or (root.parent.name if root.name == "outs" else root.name)
     adata.uns["spatial"] = {lib: {"images": _read_images(spatial), "scalefactors": scalefactors}}
     logger.info("Read Space Ranger folder %s: %d spots x %d genes", root, adata.n_obs, adata.n_vars)

@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ._files import check_hdf5, read_h5ad, reading
 from ._read import _existing_path, _format_suffix
 from ._spaceranger import read_spaceranger, spaceranger_lacks, spaceranger_root
+from ._validate import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -28,11 +30,9 @@ def _zarr_encoding_type(path: Path) -> str | None:
     """Return the root group's ``encoding-type`` attribute of a zarr store (``'anndata'`` for AnnData)."""
     import zarr
 
-    try:
+    with reading(path, "zarr store"):
         group = zarr.open_group(str(path), mode="r")
-    except Exception as err:  # noqa: BLE001 - any failure means "not a readable zarr group"
-        raise ValueError(f"{str(path)!r} is not a readable zarr store: {err}") from err
-    return group.attrs.get("encoding-type")
+        return group.attrs.get("encoding-type")
 
 
 def _looks_like_zarr(path: Path) -> bool:
@@ -40,14 +40,16 @@ def _looks_like_zarr(path: Path) -> bool:
 
 
 def _h5ad_has_spots(path: Path) -> bool:
-    """Whether an .h5ad holds spot positions (``obsm/spatial``); a single-cell reference does not."""
+    """Whether an .h5ad holds spot positions (``obsm/spatial``); a single-cell reference does not. A file
+    that is not readable HDF5 counts as holding them, so that reading it says what is wrong with it."""
     import h5py
 
     try:
+        check_hdf5(path, "an .h5ad")
         with h5py.File(path, "r") as f:
             return "obsm" in f and "spatial" in f["obsm"]
-    except OSError:
-        return False
+    except (InputError, OSError):
+        return True
 
 
 def spatial_format(path: str | os.PathLike, *, require_spots: bool = False) -> SpatialFormat | None:
@@ -78,7 +80,7 @@ def spatial_format(path: str | os.PathLike, *, require_spots: bool = False) -> S
     return None
 
 
-def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None) -> str:
+def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None, source=None) -> str:
     """Return the name of the table to use from ``sdata``.
 
     Parameters
@@ -87,6 +89,8 @@ def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None) -> 
         The spatial dataset.
     table_key : str, optional
         Name of the table. ``None`` picks ``'table'`` if present, else the only table.
+    source : str or os.PathLike, optional
+        Where ``sdata`` was read from (named in messages).
 
     Returns
     -------
@@ -95,21 +99,24 @@ def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None) -> 
 
     Raises
     ------
-    ValueError
+    InputError
         If ``table_key`` is not a table, or no table can be chosen unambiguously.
     """
     keys = list(sdata.tables.keys())
+    where = f" ({str(source)!r})" if source is not None else ""
     if table_key is not None:
         if table_key not in sdata.tables:
-            raise ValueError(f"table_key {table_key!r} is not a table of this SpatialData; tables present: {keys}.")
+            raise InputError(
+                f"table_key {table_key!r} is not a table of this SpatialData{where}; tables present: {keys}."
+            )
         return table_key
     if not keys:
-        raise ValueError("This SpatialData has no table (AnnData of counts); nothing to fit.")
+        raise InputError(f"This SpatialData{where} has no table (AnnData of counts); nothing to fit.")
     if "table" in sdata.tables:
         return "table"
     if len(keys) == 1:
         return keys[0]
-    raise ValueError(f"This SpatialData has several tables {keys}; pass table_key= to choose one.")
+    raise InputError(f"This SpatialData{where} has several tables {keys}; pass table_key= to choose one.")
 
 
 def _read_zarr(path: Path, table_key: str | None) -> tuple[anndata.AnnData, spatialdata.SpatialData | None]:
@@ -117,17 +124,16 @@ def _read_zarr(path: Path, table_key: str | None) -> tuple[anndata.AnnData, spat
     if _zarr_encoding_type(path) == "anndata":
         import anndata
 
-        adata = anndata.read_zarr(path)
+        with reading(path, "AnnData zarr store"):
+            adata = anndata.read_zarr(path)
         logger.info("Read AnnData %s from zarr store %s", adata.shape, path)
         return adata, None
 
     import spatialdata
 
-    try:
+    with reading(path, "SpatialData zarr store"):
         sdata = spatialdata.read_zarr(path)
-    except Exception as err:  # noqa: BLE001 - re-raised with the path and what was expected
-        raise ValueError(f"Cannot read {str(path)!r} as a SpatialData zarr store: {err}") from err
-    key = pick_table(sdata, table_key)
+    key = pick_table(sdata, table_key, source=path)
     adata = sdata.tables[key]
     logger.info("Read SpatialData from %s; using table %r %s", path, key, adata.shape)
     return adata, sdata
@@ -159,16 +165,15 @@ def read_spatial(
 
     Raises
     ------
-    ValueError
-        If the path does not exist, its format is unknown (the message says what a folder that looks
+    InputError
+        If the path does not exist, its format is unknown, a file is broken (not HDF5, cut short, no
+        counts: the message names the file and says what is wrong) (the message says what a folder that looks
         like Space Ranger output lacks), a file in it is unreadable, or no table can be chosen.
     """
     path = _existing_path(path, "Spatial data")
     fmt = spatial_format(path)
     if fmt == "h5ad":
-        import anndata
-
-        adata = anndata.read_h5ad(path)
+        adata = read_h5ad(path, "spatial counts .h5ad")
         logger.info("Read AnnData %s from %s", adata.shape, path)
         return adata, None
     if fmt == "zarr":
@@ -177,7 +182,7 @@ def read_spatial(
         return read_spaceranger(path), None
     lacks = spaceranger_lacks(path)
     hint = f" It looks like a Space Ranger output folder but it lacks {lacks}." if lacks else ""
-    raise ValueError(
+    raise InputError(
         f"Cannot read spatial data from {str(path)!r}: unknown format. Expected an AnnData .h5ad file, "
         f"a SpatialData (or AnnData) .zarr directory or a Space Ranger outs/ folder.{hint}"
     )

@@ -5,7 +5,7 @@ Built on the shared inference engine (:mod:`napari_cell2location._infer`). Impor
 
 from .._infer import AnswerStopper, ConvergenceStopper, NegativeBinomialCounts, Stage, TrainStep, resolve_device
 from .._variants import ModelVariant
-from ._cell2location import Cell2location, check_n_cells
+from ._cell2location import Cell2location
 from ._modules import (
     Cell2locationModule,
     LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel,
@@ -15,6 +15,7 @@ from ._modules import (
     NoMGModule,
 )
 from ._pipeline import FitResult, FitSettings, build_model, fit, iter_fit, iter_load_fit
+from ._priors import check_n_cells
 from ._qc import model_qc, spot_detail, spot_qc, worst_explained
 
 __all__ = [

@@ -30,8 +30,9 @@ from .._infer import (
     to_numpy,
 )
 from .._variants import ModelVariant
-from ..io import MIN_SHARED_GENES, InputError, prepare_inputs
+from ..io import MIN_SHARED_GENES, InputError, atomic_output, prepare_inputs, reading
 from ._elbo import MeanFieldELBO
+from ._priors import check_n_cells, detection_mean
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +43,6 @@ AUTO_LR = 0.05
 AUTO_MAX_EPOCHS = 5000
 #: the original's learning rate, used with an explicit ``max_epochs``
 ORIGINAL_LR = 0.002
-
-
-def check_n_cells(value, n_obs: int | None = None):
-    """An N_cells_per_location value checked: a positive float, or (n_obs,) positive per-spot values.
-
-    Returns the float, or a float64 array of the per-spot values; raises :class:`InputError`. A pandas
-    Series is taken in its order: align it to the spots first (``Cell2location`` does, by spot name).
-    """
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim == 2 and arr.shape[1] == 1:  # a column of per-spot values
-        arr = arr[:, 0]
-    if arr.ndim > 1:
-        raise InputError(f"N_cells_per_location must be one value or one per spot, got an array of shape {arr.shape}")
-    if arr.ndim == 1 and n_obs is not None and arr.shape[0] != n_obs:
-        raise InputError(f"N_cells_per_location has {arr.shape[0]} values but the data has {n_obs} spots")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise InputError("N_cells_per_location must be positive and finite")
-    return float(arr) if arr.ndim == 0 else arr
 
 
 class Cell2location(PyroEstimator):
@@ -168,7 +151,9 @@ class Cell2location(PyroEstimator):
             kwargs["N_cells_per_location"] = n_cells = self._by_spot(n_cells, "N_cells_per_location")
         n_cells = np.asarray(check_n_cells(n_cells, self.n_obs))
         if "detection_mean" not in kwargs:
-            kwargs["detection_mean"] = self._detection_mean(n_cells, per_sample, float(correction))
+            kwargs["detection_mean"] = detection_mean(
+                self.X, n_cells, self.cell_state_df, self.batch_index, self.n_batch, per_sample, float(correction)
+            )
         self.variant, self.model_class, self.model_kwargs = variant, model_class, kwargs
         self.detection_mean_per_sample, self.detection_mean_correction = bool(per_sample), float(correction)
         dims = {"n_obs": self.n_obs, "n_vars": self.n_vars, "n_factors": self.n_factors, "n_batch": self.n_batch}
@@ -241,20 +226,6 @@ class Cell2location(PyroEstimator):
             categorical_covariate_keys=categorical_covariate_keys or [],
             continuous_covariate_keys=continuous_covariate_keys or [],
         )
-
-    def _detection_mean(self, n_cells: np.ndarray, per_sample: bool, correction: float):
-        """Prior mean of detection efficiency from the data, with the N actually in force (ours)."""
-        totals = np.asarray(self.X.sum(axis=1)).ravel()
-        per_cell = totals / n_cells if n_cells.ndim == 1 else totals / float(n_cells)
-        sig_total = float(self.cell_state_df.sum(axis=0).mean())
-        if per_sample:
-            means = np.array([per_cell[self.batch_index == e].mean() for e in range(self.n_batch)])
-            value = means / sig_total * correction
-        else:
-            value = float(per_cell.mean() / sig_total * correction)
-        if not np.all(np.isfinite(value)) or np.any(np.asarray(value) <= 0):
-            raise InputError(f"the data give a degenerate detection_mean ({value}); check the counts and signatures")
-        return value
 
     # ------------------------------------------------------------------ data on the device
     def _full_args(self, device):
@@ -487,13 +458,15 @@ class Cell2location(PyroEstimator):
         }
 
     def _save_files(self, path) -> None:
-        self.cell_state_df.to_csv(path / "cell_state_df.csv")
+        with atomic_output(path / "cell_state_df.csv") as tmp:
+            self.cell_state_df.to_csv(tmp)
 
     @classmethod
     def _from_saved(cls, path, attrs: dict, adata):
         if not pd.Index(adata.obs_names.astype(str)).equals(pd.Index(attrs["obs_names"])):
             raise InputError("adata's spots differ from those the model was trained on")
-        cell_state_df = pd.read_csv(path / "cell_state_df.csv", index_col=0)
+        with reading(path / "cell_state_df.csv", "saved signatures table"):
+            cell_state_df = pd.read_csv(path / "cell_state_df.csv", index_col=0)
         cell_state_df.index = cell_state_df.index.astype(str)
         kwargs = dict(attrs["model_kwargs"])
         for key in ("N_cells_per_location", "detection_mean"):
