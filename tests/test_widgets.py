@@ -346,3 +346,35 @@ def test_load_saved_model_shows_results_and_qc(setup, qtbot, tmp_path):
     _wait_fit(qtbot, dock.fit)
     assert any("spots differ" in m for m in _notifications_since(n)), _notifications_since(n)
     assert dock.fit.status.value.startswith("failed")
+
+
+def test_broken_files_become_notifications(setup, qtbot, tmp_path):
+    """A garbage signatures file, a reference .h5ad cut short and a saved model with a broken attr.json:
+    each gives one notification naming the file; nothing changes and the widgets stay usable."""
+    viewer, dock = setup
+    before = dock.state.signatures
+    garbage = tmp_path / "sig.csv"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    n = len(notification_manager.records)
+    assert dock.data.load_reference(path=garbage) is False
+    assert dock.state.signatures is before
+    msgs = _notifications_since(n)
+    assert len(msgs) == 1 and "sig.csv" in msgs[0] and "\n" not in msgs[0]
+
+    ref = tmp_path / "ref.h5ad"
+    dock.state.context().adata.write_h5ad(ref)
+    data = ref.read_bytes()
+    ref.write_bytes(data[: len(data) // 2])
+    n = len(notification_manager.records)
+    assert dock.reference.open_reference(path=ref) is False
+    assert any("ref.h5ad' is truncated" in m for m in _notifications_since(n))
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "attr.json").write_text("{not json")
+    n = len(notification_manager.records)
+    assert dock.fit.load(path=model) is not None
+    _wait_fit(qtbot, dock.fit)
+    assert dock.fit.status.value.startswith("failed")
+    assert any("attr.json' is not a readable saved Cell2location description" in m for m in _notifications_since(n))
+    assert "cell abundance" not in viewer.layers and dock.fit.run_button.enabled
