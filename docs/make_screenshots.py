@@ -1,7 +1,8 @@
 """Regenerate the README screenshots: ``xvfb-run -a -s "-screen 0 1700x1050x24" python docs/make_screenshots.py``.
 
-Opens the GUI demo (the synthetic section), fits it in the Fit tab's worker, then saves the whole window
-with the Results tab (composite of three cell types) and with the Spot QC tab.
+Opens the GUI demo (the synthetic section) at the size the demo gives its window on this screen, fits it
+in the Fit tab's worker, then saves the whole window with the Results tab (composite of three cell types),
+the Fit tab and the Spot QC tab.
 """
 
 import sys
@@ -13,6 +14,7 @@ from qtpy.QtWidgets import QApplication
 
 from napari_cell2location._layers import feature_table
 from napari_cell2location._qt._demo import open_demo
+from napari_cell2location._qt._view import frame_tissue
 
 OUT = Path(__file__).parent
 EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 0  # 0: the fast mode (stops when converged)
@@ -29,7 +31,6 @@ def wait(cond, timeout=3600):
 
 def main():
     viewer = napari.Viewer(title="napari-cell2location demo")
-    viewer.window._qt_window.resize(1650, 1000)
     dock = open_demo(viewer, fit_settings={"epochs": EPOCHS})
     dock.fit.run()
     wait(lambda: dock.fit.worker is None)
@@ -39,8 +40,7 @@ def main():
     q05 = table[[c for c in table if c.startswith("q05 ")]]
     top = [c[4:] for c in q05.mean().sort_values(ascending=False).index[:3]]
     dock.results.show_composite(top, "q05")
-    viewer.reset_view()
-    wait(lambda: True)
+    frame_tissue(viewer)
     time.sleep(0.5)
     QApplication.processEvents()
     viewer.screenshot(str(OUT / "screenshot.png"), canvas_only=False)

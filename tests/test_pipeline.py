@@ -381,3 +381,49 @@ def test_fast_mode_tolerance_goes_through_the_pipeline_and_the_cli(make_tiny, tm
     assert main([*argv, "--tolerance", "0.5", "--device", "cpu", "--save-model", str(tmp_path / "m")]) == 0
     attrs = json.loads((tmp_path / "m" / "attr.json").read_text())
     assert "change < 0.5 per unit" in attrs["stop_reason"] and len(attrs["history"]) == 300
+
+
+def test_cpu_threads_sets_and_restores():
+    import torch
+
+    from napari_cell2location._infer import cpu_threads
+
+    before = torch.get_num_threads()
+    with cpu_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with cpu_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), cpu_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("restored on error too")
+    assert torch.get_num_threads() == before
+
+
+def test_jobs_from_the_viewer_leave_a_core_for_it():
+    """A job started from the dock trains with one thread fewer than torch's number (at least 1), and the
+    number is restored when the job ends; what the job yields and returns passes through."""
+    import torch
+
+    from napari_cell2location._qt._worker import beside_viewer, training_threads
+
+    def job(n):
+        for i in range(n):
+            yield torch.get_num_threads()
+        return "done"
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert training_threads() == 2
+        run = beside_viewer(job)(2)
+        seen = []
+        with pytest.raises(StopIteration) as stop:
+            while True:
+                seen.append(next(run))
+        assert seen == [2, 2] and stop.value.value == "done"
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(1)
+        assert training_threads() == 1
+    finally:
+        torch.set_num_threads(before)

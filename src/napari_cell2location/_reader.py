@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ._layers import place_side_by_side, spatial_layer_data
-from .io import InputError, read_spatial, spatial_format
+from .io import InputError, read_spatial, shorten_paths, spatial_format
 
 #: what a reader returns when it read the file but has no layer to add (npe2's "null layer" value)
 NO_LAYERS = [(None,)]
@@ -62,5 +62,5 @@ def reader_function(path) -> list[tuple]:
     except InputError as err:
         from napari.utils.notifications import show_error
 
-        show_error(str(err))
+        show_error(shorten_paths(str(err)))
         return NO_LAYERS

@@ -12,7 +12,7 @@ These names are the package's own API between ``model/`` and ``reference/``: nei
 the other's private modules.
 """
 
-from ._device import describe_device, json_ready, resolve_device, to_numpy
+from ._device import cpu_threads, describe_device, json_ready, resolve_device, to_numpy
 from ._estimator import PyroEstimator, aligned_order, register_fields
 from ._likelihood import MAX_ALPHA, CountsPattern, NegativeBinomialCounts, nb_log_likelihood, overdispersion
 from ._posterior import (
@@ -56,6 +56,7 @@ __all__ = [
     "check_summaries",
     "check_training_args",
     "consume",
+    "cpu_threads",
     "describe_device",
     "epoch_batches",
     "gene_background_sites",

@@ -132,7 +132,7 @@ class CellsPerSpotWidget(Container):
         self.scope.tooltip = "manual protocol: select 10-20 spots in the spots layer (select mode, shift-click)"
         self.count_button = PushButton(text="Count nuclei per spot")
         self.summary = Label(label="", value="")
-        self.plot = MplCanvas(height=2.0)
+        self.plot = MplCanvas(height=2.0, placeholder="the histogram of nuclei per spot appears here after counting")
         self.use_mean_button = PushButton(text="Use mean for the fit", enabled=False)
         self.use_per_spot_button = PushButton(text="Use per-spot counts for the fit", enabled=False)
         for label in (self.pixel_note, self.status, self.summary):

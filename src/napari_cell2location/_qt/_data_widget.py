@@ -108,7 +108,9 @@ class DataWidget(Container):
         try:
             df = read_signatures(path)
         except (ValueError, OSError, KeyError) as err:
-            show_error(f"Cannot use reference {path.name}: {err}")
+            from ..io import shorten_paths
+
+            show_error(f"Cannot use reference {path.name}: {shorten_paths(str(err))}")
             return False
         self.set_signatures(df, source=path.name)
         return True

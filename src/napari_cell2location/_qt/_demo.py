@@ -3,6 +3,7 @@
 import napari.viewer
 
 from ._dock import Cell2locationDock
+from ._view import fit_window_to_screen, frame_tissue
 
 
 def open_demo(
@@ -13,7 +14,8 @@ def open_demo(
     seed: int = 0,
     fit_settings: dict | None = None,
 ) -> Cell2locationDock:
-    """Add the synthetic section (H&E + spots + bundled signatures) and dock the widgets, Fit tab open.
+    """Add the synthetic section (H&E + spots + bundled signatures) and dock the widgets, Fit tab open;
+    the window takes most of the screen and the view is framed on both sections.
 
     Parameters
     ----------
@@ -39,5 +41,6 @@ def open_demo(
         if value is not None:
             getattr(dock.fit, name).value = value
     dock.show_tab("Fit")
-    viewer.reset_view()
+    fit_window_to_screen(viewer)
+    frame_tissue(viewer)
     return dock

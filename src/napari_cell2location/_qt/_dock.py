@@ -9,7 +9,11 @@ from ._fit_widget import FitWidget
 from ._qc_widget import SpotQCWidget
 from ._reference_widget import ReferenceWidget
 from ._results_widget import ResultsWidget
-from ._state import SharedState, state_of
+from ._state import SharedState, context_of, state_of
+from ._view import frame_tissue_later, make_room_for_dock
+
+#: the dock's width: its controls side by side without wrapping (px)
+DOCK_WIDTH = 460
 
 #: the tabs, in order: one step of the workflow each
 TABS = (
@@ -55,6 +59,22 @@ class Cell2locationDock(QWidget):
         self.fit, self.results, self.qc = widgets["Fit"], widgets["Results"], widgets["Spot QC"]
         self.state.tab_requested.connect(self.show_tab)
         self.state.fitted.connect(lambda _result: self.show_tab("Results"))
+        self.setMinimumWidth(DOCK_WIDTH)
+        self._shown_once = False
+        napari_viewer.layers.events.inserted.connect(self._on_layer_added)
+
+    def showEvent(self, event):  # noqa: N802 - Qt's name
+        """The first time the dock appears: make room for it and frame the tissue in what is left."""
+        super().showEvent(event)
+        if not self._shown_once:
+            self._shown_once = True
+            make_room_for_dock(self.viewer, DOCK_WIDTH)
+            frame_tissue_later(self.viewer)
+
+    def _on_layer_added(self, event):
+        """A dataset's spots were added (by the reader or the sample data): frame all its sections."""
+        if context_of(event.value) is not None:
+            frame_tissue_later(self.viewer)
 
     def add_tab(self, widget, title: str):
         """Add a widget (magicgui or Qt) as a scrollable tab; returns the tab's page."""

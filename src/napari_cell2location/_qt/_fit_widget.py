@@ -16,11 +16,19 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from .._variants import ModelVariant
 from ._mpl import MplCanvas
 from ._state import SharedState, context_of, state_of
-from ._worker import cancel_worker, fmt_time, log_failure, show_training_item, start_worker
+from ._worker import (
+    beside_viewer,
+    cancel_worker,
+    fmt_time,
+    log_failure,
+    show_training_item,
+    start_worker,
+    training_threads,
+)
 
 logger = logging.getLogger(__name__)
 
-_PLOT_INTERVAL_S = 0.3
+_PLOT_INTERVAL_S = 1.0
 _GLOBAL_NOTE = "global prior (set from histology when counted)"
 
 
@@ -32,8 +40,9 @@ def _devices() -> tuple[list[str], str]:
         choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         note = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     else:
-        n = torch.get_num_threads()
-        note = f"no GPU found; cpu ({n} thread{'s' if n != 1 else ''})"
+        n = training_threads()
+        spare = ", one core left for napari" if n < torch.get_num_threads() else ""
+        note = f"no GPU found; cpu ({n} thread{'s' if n != 1 else ''}{spare})"
     return choices, note
 
 
@@ -86,7 +95,7 @@ class FitWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
         self.status = Label(label="", value="ready")
-        self.plot = MplCanvas(height=2.0)
+        self.plot = MplCanvas(height=2.0, placeholder="the loss (-ELBO) appears here during a fit")
         self.save_path = FileEdit(label="save to", mode="w", filter="Results (*.zarr *.h5ad)")
         self.save_button = PushButton(text="Save results", enabled=False)
         self.load_path = FileEdit(label="saved model", mode="d")
@@ -183,7 +192,7 @@ class FitWidget(Container):
         self._fit_layer = self.state.spots_layer
         start_worker(
             self,
-            iter_fit,
+            beside_viewer(iter_fit),
             ctx.adata,
             self.state.signatures,
             settings,
@@ -220,7 +229,14 @@ class FitWidget(Container):
         self.progress.max, self.progress.value = 1, 0
         self.status.value = f"loading {path.name}..."
         self._fit_layer = self.state.spots_layer
-        start_worker(self, iter_load_fit, ctx.adata, path, on_yielded=self._on_yield, on_returned=self._on_returned)
+        start_worker(
+            self,
+            beside_viewer(iter_load_fit),
+            ctx.adata,
+            path,
+            on_yielded=self._on_yield,
+            on_returned=self._on_returned,
+        )
         self._job = "load"
         self._start()
         return self.worker
@@ -278,18 +294,20 @@ class FitWidget(Container):
         )
         self.save_button.enabled = True
         self.state.set_result(result, results)
-        what = "model loaded" if what == "loaded" else "fit finished"
-        show_info(f"Cell2location {what} in {fmt_time(elapsed)}; see the '{results.name}' layer.")
+        self.viewer.reset_view()  # the tissue framed again, with its results
+        show_info(f"{'Model loaded' if what == 'loaded' else 'Fit finished'} in {fmt_time(elapsed)}.")
 
     def _on_error(self, err):
         log_failure(logger, "fit", err)
         self.status.value = f"failed: {err}"
         what = "loading the model" if getattr(self, "_job", "fit") == "load" else "fit"
-        show_error(f"Cell2location {what} failed: {err}")
+        from ..io import shorten_paths
+
+        show_error(f"Cell2location {what} failed: {shorten_paths(str(err))}")
 
     def _on_aborted(self):
         self.status.value = f"cancelled after {len(self.losses)} steps; nothing exported"
-        show_warning("Fit cancelled; nothing was exported.")
+        show_warning("Fit cancelled.")
 
     def _on_finished(self):
         self.worker = None
@@ -314,5 +332,6 @@ class FitWidget(Container):
         except (OSError, ValueError) as err:
             show_error(f"Cannot save results to {path}: {err}")
             return None
-        show_info(f"Saved results to {out}")
+        self.status.value = f"saved results to {out}"
+        show_info(f"Saved {out.name}.")
         return out

@@ -9,15 +9,20 @@ from qtpy.QtWidgets import QLabel, QSizePolicy
 class MplCanvas(Container):
     """A magicgui Container holding one matplotlib figure (Qt Agg canvas).
 
+    Until something is plotted it shows a line of text saying what will appear there (``placeholder``),
+    not empty axes.
+
     Parameters
     ----------
     height : float
         Figure height in inches.
     ncols : int
         Number of axes side by side.
+    placeholder : str
+        What the canvas says before anything is plotted.
     """
 
-    def __init__(self, height: float = 2.2, ncols: int = 1, width: float = 4.0):
+    def __init__(self, height: float = 2.2, ncols: int = 1, width: float = 4.0, placeholder: str = ""):
         super().__init__(labels=False)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
@@ -27,13 +32,25 @@ class MplCanvas(Container):
         self.canvas.setMinimumHeight(int(height * 80))
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.native.layout().addWidget(self.canvas)
-        for i in range(ncols):
-            self.figure.add_subplot(1, ncols, i + 1)
+        self.ncols = int(ncols)
+        self.show_placeholder(placeholder)
 
     @property
     def axes(self) -> list:
-        """The figure's axes (those made here, or by a plot drawn on the figure)."""
+        """The figure's axes: those of a plot drawn on the figure, else ``ncols`` new ones (a placeholder's
+        text goes)."""
+        if not self.figure.axes:
+            self.figure.clear()
+            for i in range(self.ncols):
+                self.figure.add_subplot(1, self.ncols, i + 1)
         return self.figure.axes
+
+    def show_placeholder(self, text: str) -> None:
+        """Show ``text`` (e.g. "the loss appears here during a fit") instead of empty axes."""
+        self.figure.clear()
+        if text:
+            self.figure.text(0.5, 0.5, text, ha="center", va="center", wrap=True, color="0.45", fontsize=9)
+        self.draw()
 
     def clear(self):
         for ax in self.axes:

@@ -44,9 +44,13 @@ class SpotQCWidget(Container):
         self.worst_pct = FloatSpinBox(label="worst %", value=5.0, min=0.1, max=100.0, step=1.0)
         self.worst_button = PushButton(text="Select worst-explained spots")
         self.info = Label(label="", value="Run a fit to see QC.")
-        self.overview = MplCanvas(height=2.3, ncols=2, width=5)
+        self.overview = MplCanvas(
+            height=2.3, ncols=2, width=5, placeholder="observed vs expected counts and the loss appear here after a fit"
+        )
         self.spot_label = Label(label="", value="Click a spot of the results layer.")
-        self.spot_plot = MplCanvas(height=2.3, ncols=2, width=5)
+        self.spot_plot = MplCanvas(
+            height=2.3, ncols=2, width=5, placeholder="click a spot of the results layer: its cell types and top genes"
+        )
         self.extend(
             [self.metric, self.show_button, self.worst_pct, self.worst_button, self.info, self.overview,
              self.spot_label, self.spot_plot]

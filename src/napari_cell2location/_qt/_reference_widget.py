@@ -27,7 +27,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._mpl import MplCanvas
 from ._state import SharedState, state_of
-from ._worker import cancel_worker, log_failure, show_training_item, start_worker
+from ._worker import beside_viewer, cancel_worker, log_failure, show_training_item, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ NO_BATCH = "(one batch)"
 X_LAYER = "X"
 #: GUI label -> ``SignatureSettings.method``
 METHODS = {"NB regression (RegressionModel)": "regression", "cluster averages (fast)": "average"}
+_FILTER_PLACEHOLDER = "the gene filter (genes by cells detected and mean count) appears here once a reference is open"
 _LABEL_GUESSES = ("cell_type", "celltype", "cell_types", "labels", "label", "annotation", "cluster", "leiden")
 _BATCH_GUESSES = ("batch", "sample", "donor", "library", "sample_id")
 
@@ -82,7 +83,7 @@ class ReferenceWidget(Container):
         self.cell_percentage_cutoff2 = FloatSpinBox(label="min fraction", value=0.05, min=0, max=1, step=0.01)
         self.nonz_mean_cutoff = FloatSpinBox(label="min non-zero mean", value=1.12, min=0, max=1e3, step=0.02)
         self.filter_note = Label(label="", value="")
-        self.plot = MplCanvas(height=2.6)
+        self.plot = MplCanvas(height=2.6, placeholder=_FILTER_PLACEHOLDER)
         self.method = ComboBox(label="method", choices=list(METHODS))
         self.epochs = SpinBox(label="epochs (0 = auto)", value=0, min=0, max=100000)
         self.batch_size = SpinBox(label="cells per batch", value=2500, min=1, max=10_000_000)
@@ -139,7 +140,7 @@ class ReferenceWidget(Container):
     # ------------------------------------------------------------------ opening
     def open_reference(self, _value=None, path=None):
         """Read a reference ``.h5ad`` (on error a notification, and the current reference stays)."""
-        from ..io import InputError, read_h5ad
+        from ..io import InputError, read_h5ad, shorten_paths
 
         path = Path(path if path is not None else self.path.value)
         if path.suffix.lower() != ".h5ad" or not path.is_file():
@@ -148,7 +149,7 @@ class ReferenceWidget(Container):
         try:
             adata = read_h5ad(path, "labelled single-cell reference .h5ad")
         except InputError as err:
-            show_error(str(err))
+            show_error(shorten_paths(str(err)))
             return False
         self.set_reference(adata, source=path.name)
         return True
@@ -228,23 +229,25 @@ class ReferenceWidget(Container):
         """Redraw the gene filter's 2D histogram with the current cut-offs."""
         from ..reference import plot_filter_genes
 
+        if self._stats is None:
+            self.plot.show_placeholder(_FILTER_PLACEHOLDER)
+            return
         ax = self.plot.axes[0]
         ax.clear()
-        if self._stats is not None:
-            s = self.settings()
-            plot_filter_genes(
-                self._stats,
-                n_obs=self.adata.n_obs,
-                cell_count_cutoff=s.cell_count_cutoff,
-                cell_percentage_cutoff2=s.cell_percentage_cutoff2,
-                nonz_mean_cutoff=s.nonz_mean_cutoff,
-                ax=ax,
-            )
-            ax.set_title("gene filter (red: cut-offs)", fontsize=8)
-            ax.xaxis.label.set_fontsize(8)
-            ax.yaxis.label.set_fontsize(8)
-            n = len(self.kept_genes())
-            self.filter_note.value = f"{n} of {self.adata.n_vars} genes kept" + ("" if self.filter.value else " (off)")
+        s = self.settings()
+        plot_filter_genes(
+            self._stats,
+            n_obs=self.adata.n_obs,
+            cell_count_cutoff=s.cell_count_cutoff,
+            cell_percentage_cutoff2=s.cell_percentage_cutoff2,
+            nonz_mean_cutoff=s.nonz_mean_cutoff,
+            ax=ax,
+        )
+        ax.set_title("gene filter (red: cut-offs)", fontsize=8)
+        ax.xaxis.label.set_fontsize(8)
+        ax.yaxis.label.set_fontsize(8)
+        n = len(self.kept_genes())
+        self.filter_note.value = f"{n} of {self.adata.n_vars} genes kept" + ("" if self.filter.value else " (off)")
         self.plot.draw()
 
     # ------------------------------------------------------------------ run / cancel
@@ -301,7 +304,12 @@ class ReferenceWidget(Container):
         self.progress.max, self.progress.value = 1, 0
         self.status.value = "filtering genes..."
         start_worker(
-            self, iter_signatures, self.adata, settings, on_yielded=self._on_yield, on_returned=self._on_returned
+            self,
+            beside_viewer(iter_signatures),
+            self.adata,
+            settings,
+            on_yielded=self._on_yield,
+            on_returned=self._on_returned,
         )
         self._update_buttons()
         self.worker.start()

@@ -2,7 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+
+#: the fewest seconds between two updates of a job's progress bar and status line (a step can take 10 ms;
+#: relaying out the dock at every step slows the job the GUI is showing)
+SHOW_INTERVAL_S = 0.1
+
+
+def training_threads() -> int:
+    """CPU threads for a training job started from the viewer: torch's number less one, so the viewer
+    keeps a core to draw on (with 2 cores, 2 threads sharing one core with napari train ~3x slower than
+    1 thread alone)."""
+    import torch
+
+    return max(1, torch.get_num_threads() - 1)
+
+
+def beside_viewer(job: Callable) -> Callable:
+    """``job`` (a generator function that trains with torch) run with :func:`training_threads` threads."""
+
+    @functools.wraps(job)
+    def run(*args, **kwargs):
+        from .._infer import cpu_threads
+
+        with cpu_threads(training_threads()):
+            return (yield from job(*args, **kwargs))
+
+    return run
 
 
 def start_worker(owner, func, *args, on_yielded, on_returned, **kwargs):
@@ -68,9 +96,13 @@ def show_training_item(owner, item, unit: str):
             owner.status.value = "exporting the posterior..."
         return None
     step = item
+    now = time.perf_counter()
+    if step.step < step.total and now - getattr(owner, "_last_shown", 0.0) < SHOW_INTERVAL_S:
+        return step
+    owner._last_shown = now
     if owner.progress.max != step.total:
         owner.progress.max = step.total
     owner.progress.value = step.step
-    eta = (time.perf_counter() - owner._t0) / step.step * (step.total - step.step)
+    eta = (now - owner._t0) / step.step * (step.total - step.step)
     owner.status.value = f"step {step.step}/{step.total}  loss {step.loss:,.0f}  ETA {fmt_time(eta)}"
     return step

@@ -8,7 +8,7 @@ sections placed side by side.
 Imports no Qt and no napari; ``anndata`` / ``spatialdata`` load inside the functions that need them.
 """
 
-from ._files import atomic_output, check_writable, read_h5ad, reading
+from ._files import atomic_output, check_writable, read_h5ad, reading, shorten_paths
 from ._read import read_signatures, write_results
 from ._spaceranger import read_spaceranger, spaceranger_root
 from ._spatial import pick_table, read_spatial, spatial_format
@@ -40,6 +40,7 @@ __all__ = [
     "read_spaceranger",
     "read_spatial",
     "reading",
+    "shorten_paths",
     "spaceranger_root",
     "spatial_format",
     "validate_counts",

@@ -44,6 +44,12 @@ def _short(err: BaseException, limit: int = 200) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def shorten_paths(message: str) -> str:
+    """``message`` with every quoted absolute path cut to its last part (``'/a/b/c.h5ad'`` -> ``'c.h5ad'``):
+    a notification has room for the name, not the folders."""
+    return re.sub(r"'(?:[A-Za-z]:)?[/\\][^']*[/\\]([^'/\\]+)'", r"'\1'", message)
+
+
 def describe_start(path: Path) -> str:
     """What a file looks like from its first bytes: 'empty (0 bytes)', 'text starting with ...', 'a zip
     archive', ... (for messages about a file that is not what its name says)."""
