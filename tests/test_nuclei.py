@@ -294,3 +294,31 @@ def test_real_mouse_brain_lowres(caplog, shared_path):
     spot_h = signal[np.rint(centres[:, 0]).astype(int), np.rint(centres[:, 1]).astype(int)]
     dense = spot_h > np.quantile(spot_h, 0.9)
     assert counts[dense].mean() > counts[~dense].mean()
+
+
+def test_regions_read_only_the_tiles_they_meet(section):
+    """With regions, only tiles meeting a box are read; the nuclei found there are those of the whole run."""
+    px = _pixel_size_um(section)
+    image = section.image
+    reads = []
+
+    class Counting:
+        shape, dtype, ndim = image.shape, image.dtype, image.ndim
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return image[index]
+
+    h, w = image.shape[:2]
+    box = (h // 4, h // 2, w // 4, w // 2)
+    whole = nuclei.detect_nuclei(image, pixel_size_um=px, chunk_size=128)
+    part = nuclei.detect_nuclei(
+        Counting(), pixel_size_um=px, chunk_size=128, regions=[box], threshold=whole.attrs["threshold"]
+    )
+    n_tiles = -(-h // 128) * -(-w // 128)
+    assert 0 < len(reads) == part.attrs["n_tiles"] < n_tiles / 4
+    inside = whole[(whole.row >= box[0]) & (whole.row < box[1]) & (whole.col >= box[2]) & (whole.col < box[3])]
+    got = set(zip(part.row, part.col, strict=True))
+    assert len(inside) > 10 and set(zip(inside.row, inside.col, strict=True)) <= got
+    with pytest.raises(ValueError, match="regions"):
+        nuclei.detect_nuclei(image, pixel_size_um=px, regions=[(0, np.nan, 0, 10)])

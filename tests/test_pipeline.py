@@ -408,7 +408,7 @@ def test_jobs_from_the_viewer_leave_a_core_for_it():
     from napari_cell2location._qt._worker import beside_viewer, training_threads
 
     def job(n):
-        for i in range(n):
+        for _ in range(n):
             yield torch.get_num_threads()
         return "done"
 

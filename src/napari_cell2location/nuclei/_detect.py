@@ -99,9 +99,24 @@ def _dtype_max(arr: np.ndarray) -> float:
     return 1.0  # floats are taken as already in [0, 1]
 
 
-def _tiles(shape: tuple[int, int], chunk: int) -> list[tuple[int, int, int, int]]:
+def _tiles(shape: tuple[int, int], chunk: int, regions=None) -> list[tuple[int, int, int, int]]:
+    """Square tiles (r0, r1, c0, c1) covering the image; with ``regions`` ((n, 4) boxes r0, r1, c0, c1 in
+    pixels) only the tiles that meet a box."""
     h, w = shape
-    return [(r, min(r + chunk, h), c, min(c + chunk, w)) for r in range(0, h, chunk) for c in range(0, w, chunk)]
+    tiles = [(r, min(r + chunk, h), c, min(c + chunk, w)) for r in range(0, h, chunk) for c in range(0, w, chunk)]
+    if regions is None:
+        return tiles
+    boxes = np.asarray(regions, dtype=np.float64).reshape(-1, 4)
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError("regions must be finite (r0, r1, c0, c1) boxes in image pixels")
+    t = np.asarray(tiles, dtype=np.float64).reshape(-1, 4)
+    meets = (
+        (t[:, None, 0] < boxes[None, :, 1])
+        & (boxes[None, :, 0] < t[:, None, 1])
+        & (t[:, None, 2] < boxes[None, :, 3])
+        & (boxes[None, :, 2] < t[:, None, 3])
+    )
+    return [tile for tile, keep in zip(tiles, meets.any(axis=1), strict=True) if keep]
 
 
 def _local_maxima(response: np.ndarray, min_distance: int) -> np.ndarray:
@@ -292,6 +307,7 @@ def iter_detect_nuclei(
     chunk_size: int = 1024,
     channel_axis: int | None = -1,
     method: str = "peaks",
+    regions=None,
 ) -> Iterator[DetectProgress]:
     """Detect nuclei centres on an H&E or nuclear fluorescence (DAPI, Hoechst) image, tile by tile.
 
@@ -325,6 +341,9 @@ def iter_detect_nuclei(
         SpatialData image).
     method : {'peaks', 'stardist', 'cellpose'}
         'peaks' (default, scikit-image only) or a deep-learning model, only when installed.
+    regions : array-like, optional
+        (n, 4) boxes ``(r0, r1, c0, c1)`` in image pixels (e.g. the spots and a margin): only the tiles
+        that meet a box are read, and nuclei are found there only. Default: the whole image.
 
     Yields
     ------
@@ -360,7 +379,7 @@ def iter_detect_nuclei(
     model = _load_model(method, kind) if method != "peaks" else None
     if method != "peaks":
         halo = max(halo, int(math.ceil(4 * radius_px)) + 2)  # whole nuclei at the core's edge
-    tiles = _tiles((h, w), int(chunk_size))
+    tiles = _tiles((h, w), int(chunk_size), regions)
     rows, cols, resp = [], [], []
     noise_hist = np.zeros(len(_NOISE_BINS) - 1, dtype=np.int64)
     start = time.perf_counter()
@@ -411,6 +430,7 @@ def iter_detect_nuclei(
             "nucleus_diameter_um": float(nucleus_diameter_um),
             "kind": kind,
             "method": method,
+            "n_tiles": len(tiles),
         }
     )
     logger.info(
@@ -424,7 +444,8 @@ def detect_nuclei(image, *, progress: Callable[[DetectProgress], None] | None = 
     """Detect nuclei centres on an H&E or nuclear fluorescence (DAPI, Hoechst) image.
 
     Runs :func:`iter_detect_nuclei` to its end; the image and the settings (``pixel_size_um``, ``kind``,
-    ``nucleus_diameter_um``, ``threshold``, ``chunk_size``, ``channel_axis``, ``method``) are documented there.
+    ``nucleus_diameter_um``, ``threshold``, ``chunk_size``, ``channel_axis``, ``method``, ``regions``) are
+    documented there.
 
     Parameters
     ----------
