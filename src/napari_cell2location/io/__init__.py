@@ -3,12 +3,24 @@
 Every entry point (Python, the CLI, napari's reader hook) reads spatial data through :func:`read_spatial`,
 which knows AnnData ``.h5ad``, SpatialData / AnnData ``.zarr`` and Space Ranger ``outs/`` folders
 (:func:`spatial_format` says which one a path holds); :mod:`._sections` turns what was read into tissue
-sections placed side by side.
+sections placed side by side. The full-resolution scan of a section (a pyramidal TIFF) opens lazily as a
+:class:`Pyramid` (:func:`open_fullres_image`; :func:`fullres_image_for` finds and checks the one of a Space
+Ranger folder).
 
 Imports no Qt and no napari; ``anndata`` / ``spatialdata`` load inside the functions that need them.
 """
 
 from ._files import atomic_output, check_writable, read_h5ad, reading, shorten_paths
+from ._fullres import (
+    TIFF_SUFFIXES,
+    Pyramid,
+    find_fullres_image,
+    frame_mismatch,
+    fullres_image_for,
+    is_tiff_name,
+    open_fullres_image,
+    place_on_sections,
+)
 from ._read import read_signatures, write_results
 from ._spaceranger import read_spaceranger, spaceranger_root
 from ._spatial import pick_table, read_spatial, spatial_format
@@ -26,12 +38,20 @@ from ._validate import (
 
 __all__ = [
     "MIN_SHARED_GENES",
+    "TIFF_SUFFIXES",
     "InputError",
+    "Pyramid",
     "atomic_output",
     "batch_codes",
     "check_writable",
     "count_matrix",
     "duplicated_names",
+    "find_fullres_image",
+    "frame_mismatch",
+    "fullres_image_for",
+    "is_tiff_name",
+    "open_fullres_image",
+    "place_on_sections",
     "pick_table",
     "prepare_inputs",
     "preview",

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ._fullres import Pyramid
 from ._validate import InputError
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ def scanpy_sections(adata) -> tuple[list[Section], np.ndarray, float | None]:
         image, scalef = _pick_image(dict(entry.get("images", {}) or {}), scalefactors)
         sec = Section(str(lib), np.flatnonzero(lib_of == i))
         if image is not None:
-            sec.image, sec.image_affine = np.asarray(image), _affine_scale(scalef)
+            image = image if isinstance(image, Pyramid) else np.asarray(image)  # a pyramid stays lazy
+            sec.image, sec.image_affine = image, _affine_scale(scalef)
         sections.append(sec)
     return sections, yx, diameter
 
@@ -215,19 +217,36 @@ def spatialdata_sections(sdata, table_key: str | None = None) -> tuple[list[Sect
 
 
 def _image_array(element, cs: str) -> tuple[Any, np.ndarray]:
-    """(H, W, C) array (finest scale) and its (3, 3) affine to ``cs`` of a SpatialData image element."""
+    """The image of a SpatialData image element as (H, W, C) (or (H, W)) and its (3, 3) affine to ``cs``.
+
+    A multiscale element (a DataTree of ``scale0``, ``scale1``, ...) becomes a lazy :class:`Pyramid` of its
+    levels, finest first (napari shows it as a multiscale layer; the nuclei detector reads its finest level
+    tile by tile); a single-scale one an array, read into memory when under 256 MB.
+    """
     from spatialdata.transformations import get_transformation
 
-    data = element
-    if hasattr(element, "children") and not hasattr(element, "dims"):  # multiscale DataTree
-        first = next(iter(element.children))
-        data = element[first].ds[next(iter(element[first].ds.data_vars))]
     transform = get_transformation(element, to_coordinate_system=cs)
     affine = np.asarray(transform.to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), dtype=float)
-    arr = data.transpose("y", "x", "c").data if "c" in data.dims else data.transpose("y", "x").data
+    if getattr(element, "children", None):  # a multiscale DataTree of scale0, scale1, ...
+        levels = []
+        for name in element.children:
+            ds = element[name].ds
+            levels.append(_yxc(ds[next(iter(ds.data_vars))]))
+        levels.sort(key=lambda lv: -int(lv.shape[0]))
+        levels = [lv for i, lv in enumerate(levels) if i == 0 or lv.shape[0] < levels[i - 1].shape[0]]
+        if len(levels) > 1:
+            return Pyramid(levels), affine
+        arr = levels[0]
+    else:
+        arr = _yxc(element)
     if hasattr(arr, "compute") and arr.size * arr.dtype.itemsize < 256 * 2**20:
         arr = arr.compute()
     return arr, affine
+
+
+def _yxc(data):
+    """The array of an image DataArray with dims (y, x, c) (or (y, x))."""
+    return data.transpose("y", "x", "c").data if "c" in data.dims else data.transpose("y", "x").data
 
 
 # ------------------------------------------------------------------------------------------------
