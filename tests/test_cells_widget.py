@@ -181,3 +181,63 @@ def test_detect_needs_an_image(make_napari_viewer, section):
     w = CellsPerSpotWidget(viewer)
     assert w.detect() is None and w.worker is None
     assert w.count() is None
+
+
+@pytest.fixture(scope="module")
+def fullres_run(tmp_path_factory):
+    """A 4,096² pyramidal scan (4 levels) of a 30-spot section next to its Space Ranger outs/ folder."""
+    from napari_cell2location.datasets._fullres import write_fullres_visium
+
+    return write_fullres_visium(tmp_path_factory.mktemp("fullres") / "run", size=4096, n_spots=30, seed=6)
+
+
+def test_fullres_scan_is_detected_on_its_finest_scale_under_the_spots(make_napari_viewer, qtbot, fullres_run):
+    import napari
+    from scipy.spatial import cKDTree
+
+    from napari_cell2location._qt._cells_widget import AREA_ALL, AREA_SPOTS
+
+    scan = fullres_run
+    viewer = make_napari_viewer()
+    viewer.open(str(scan.run), plugin="napari-cell2location")
+    (full,) = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Image)]
+    assert full.multiscale and len(full.data) == 4 and full.data[0].shape[:2] == (4096, 4096)
+    # the hires PNG shown as well (at its scale): the tab still picks the finest image
+    hires = viewer.open(str(scan.outs / "spatial" / "tissue_hires_image.png"))[0]
+    hires.scale = (1 / scan.scalefactors["tissue_hires_scalef"],) * 2
+    w = CellsPerSpotWidget(viewer)
+    assert w.image.value is full and w.area.value == AREA_SPOTS
+    assert w.pixel_size_um() == pytest.approx(0.5)
+    assert "0.5 µm/px (from the 55 µm spot size); detects on the finest of 4 scales, 4,096 x 4,096 px" in (
+        w.pixel_note.value
+    )
+    nuclei = _detect(w, qtbot)
+    # only the tiles under the spots were read (1024 px tiles: 16 in the image), with progress per tile
+    read = int(w.status.value.split(" of 16 tiles")[0].split()[-1])
+    assert 1 <= read < 16 and w.progress.max == read == w.progress.value
+    truth = scan.nuclei[["row", "col"]].to_numpy()  # full-resolution px = world
+    dist, _ = cKDTree(truth).query(nuclei.data)
+    assert np.median(dist) < 2.0 and np.mean(dist < 4.0) > 0.95
+    spots = viewer.layers["run"]
+    counts = spots.features[COUNT_FEATURE].to_numpy()
+    true = scan.n_cells.loc[spots.metadata["cell2location"].adata.obs_names].to_numpy()
+    assert np.corrcoef(counts, true)[0, 1] >= 0.9
+    assert w.estimate.value == pytest.approx(true.mean(), rel=0.1)
+    # the hires PNG chosen instead: a single scale, 1 µm/px here, the whole image by default
+    w.image.value = hires
+    assert w.area.value == AREA_ALL and w.pixel_note.value.startswith("1 µm/px") and "scales" not in w.pixel_note.value
+
+
+def test_fullres_tiff_dropped_onto_the_section(make_napari_viewer, fullres_run, tmp_path):
+    import shutil
+
+    scan = fullres_run
+    run = tmp_path / "bare"
+    shutil.copytree(scan.outs, run / "outs")  # the folder without its scan: the hires PNG is shown
+    viewer = make_napari_viewer()
+    viewer.open(str(run), plugin="napari-cell2location")
+    viewer.open(str(scan.image_path), plugin="napari-cell2location")
+    full = viewer.layers[scan.image_path.name]
+    assert full.multiscale and np.allclose(data_to_world_matrix(full), np.eye(3))
+    w = CellsPerSpotWidget(viewer)
+    assert w.image.value is full and w.pixel_size_um() == pytest.approx(0.5)

@@ -2,8 +2,11 @@
 
 Two ways to count, as in issue 4:
 
-* detect nuclei on the whole Image layer in a worker (tile by tile, progress and Cancel) into an editable
-  Points layer; the user adds or deletes points to correct it and counts again;
+* detect nuclei on the Image layer in a worker (tile by tile, progress and Cancel) into an editable
+  Points layer; the user adds or deletes points to correct it and counts again. A multiscale image (a
+  full-resolution scan) is detected on its finest scale, and by default only in the tiles under the spots
+  (the spots counted: in-tissue ones, or the selected ones for the manual protocol), so a 20,000² scan reads
+  a few percent of its tiles; the job is the core's :func:`~napari_cell2location.nuclei._fullres.iter_detect_in_spots`;
 * the manual protocol of cell2location's documentation: select a handful (10-20) of spots in the spots
   layer and count only those, from detected nuclei or from nuclei the user clicks into an empty layer.
 
@@ -35,6 +38,10 @@ SPOT_DIAMETER_UM = 55.0
 COUNT_FEATURE = "nuclei_per_spot"
 SCOPE_ALL = "all in-tissue spots"
 SCOPE_SELECTED = "selected spots only (manual protocol)"
+AREA_SPOTS = "under the counted spots"
+AREA_ALL = "the whole image"
+#: an image with more pixels than this (or multiscale) is detected under the spots by default
+LARGE_IMAGE_PX = 50_000_000
 _UNCOUNTED_RGBA = (0.75, 0.75, 0.75, 0.35)
 
 
@@ -75,8 +82,26 @@ def spot_geometry(spots_layer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _image_array(layer):
-    data = layer.data[0] if layer.multiscale else layer.data
-    return data
+    """The finest scale of an Image layer's data (the data itself when it is not multiscale)."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def _is_large(layer) -> bool:
+    """Whether detection should default to the tiles under the spots: a multiscale or very large image."""
+    shape = _image_array(layer).shape
+    return bool(layer.multiscale) or int(shape[0]) * int(shape[1]) > LARGE_IMAGE_PX
+
+
+def _finest_first(layers: list) -> list:
+    """Image layers ordered by their pixel size in world units, finest first (a full-resolution scan before
+    a hires PNG of the same section); ties keep their order."""
+    return sorted(layers, key=_linear_scale)
+
+
+def _file_pixel_size(layer) -> float | None:
+    """µm per finest-scale pixel that the image file says (the reader puts it in the layer's metadata)."""
+    value = layer.metadata.get("pixel_size_um") if isinstance(layer.metadata, dict) else None
+    return float(value) if value else None
 
 
 def _is_spot_layer(layer) -> bool:
@@ -122,6 +147,11 @@ class CellsPerSpotWidget(Container):
         self.pixel_size.tooltip = "0 = from the spot size (Visium spots are 55 µm across)"
         self.pixel_note = Label(label="", value="")
         self.nucleus_diameter = FloatSpinBox(label="nucleus Ø (µm)", value=7.0, min=1.0, max=50.0, step=0.5)
+        self.area = ComboBox(label="detect in", choices=[AREA_SPOTS, AREA_ALL], value=AREA_ALL)
+        self.area.tooltip = (
+            "under the counted spots: only the image tiles that meet a spot (plus a margin) are read; "
+            "the default for multiscale and very large images"
+        )
         self.detect_button = PushButton(text="Detect nuclei")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
@@ -141,7 +171,7 @@ class CellsPerSpotWidget(Container):
         use_row = Container(widgets=[self.use_mean_button, self.use_per_spot_button], layout="horizontal", labels=False)
         self.extend(
             [
-                self.image, self.spots, self.pixel_size, self.pixel_note, self.nucleus_diameter, detect_row,
+                self.image, self.spots, self.pixel_size, self.pixel_note, self.nucleus_diameter, self.area, detect_row,
                 self.progress, self.status, self.nuclei, self.new_layer_button, self.scope, self.count_button,
                 self.summary, self.plot, use_row,
             ]
@@ -153,11 +183,13 @@ class CellsPerSpotWidget(Container):
         self.use_mean_button.changed.connect(self.use_mean)
         self.use_per_spot_button.changed.connect(self.use_per_spot)
         self.image.changed.connect(self._update_pixel_note)
+        self.image.changed.connect(self._default_area)
         self.spots.changed.connect(self._update_pixel_note)
         self.pixel_size.changed.connect(self._update_pixel_note)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             ev.connect(self._refresh)
         self._refresh()
+        self._default_area()
 
     # ------------------------------------------------------------------ choices
     def _image_choices(self, _widget=None):
@@ -176,7 +208,7 @@ class CellsPerSpotWidget(Container):
     def _refresh(self, _event=None):
         if self.nuclei_layer is not None and self.nuclei_layer not in self.viewer.layers:
             self.nuclei_layer = None
-        images = [layer for _, layer in self._image_choices()]
+        images = _finest_first([layer for _, layer in self._image_choices()])
         spots = [layer for _, layer in self._spot_choices()]
         defaults = (
             (self.image, images[0] if images else None),
@@ -193,6 +225,12 @@ class CellsPerSpotWidget(Container):
                 combo.value = default
         self._update_pixel_note()
 
+    def _default_area(self, _value=None):
+        """Detect under the spots on a multiscale or very large image, on the whole image otherwise."""
+        image = self.image.value
+        if image is not None:
+            self.area.value = AREA_SPOTS if _is_large(image) else AREA_ALL
+
     # ------------------------------------------------------------------ pixel size
     def um_per_world(self) -> float | None:
         """µm per world unit, from the spot size (Visium spots are 55 µm across); None without spots."""
@@ -204,22 +242,37 @@ class CellsPerSpotWidget(Container):
         return SPOT_DIAMETER_UM / diameter if diameter > 0 else None
 
     def pixel_size_um(self) -> float | None:
-        """µm per image pixel: the spin box when set, else from the spot size and the image's scale."""
+        """µm per pixel of the image's finest scale: the spin box when set, else from the spot size and the
+        image's scale, else what the image file says (``metadata['pixel_size_um']``)."""
         if self.pixel_size.value > 0:
             return float(self.pixel_size.value)
-        per_world = self.um_per_world()
         image = self.image.value
-        if per_world is None or image is None:
+        if image is None:
             return None
+        per_world = self.um_per_world()
+        if per_world is None:
+            return _file_pixel_size(image)
         return per_world * _linear_scale(image)
+
+    def _pixel_source(self) -> str:
+        if self.pixel_size.value > 0:
+            return "typed"
+        return "from the 55 µm spot size" if self.um_per_world() is not None else "from the image file"
 
     def _update_pixel_note(self, _value=None):
         px = self.pixel_size_um()
-        if px is None:
+        image = self.image.value
+        if px is None or image is None:
             self.pixel_note.value = "pixel size: pick an image and spots (or type it)"
-        else:
-            source = "typed" if self.pixel_size.value > 0 else "from the 55 µm spot size"
-            self.pixel_note.value = f"pixel size {px:.3g} µm ({source})"
+            return
+        note = f"{px:.3g} µm/px ({self._pixel_source()})"
+        if image.multiscale:
+            h, w = _image_array(image).shape[:2]
+            note += f"; detects on the finest of {len(image.data)} scales, {w:,} x {h:,} px"
+        filed = _file_pixel_size(image)
+        if filed is not None and self._pixel_source() != "from the image file" and abs(filed / px - 1) > 0.1:
+            note += f" (the file says {filed:.3g} µm/px)"
+        self.pixel_note.value = note
 
     # ------------------------------------------------------------------ detection
     @property
@@ -227,9 +280,9 @@ class CellsPerSpotWidget(Container):
         return self.worker is not None
 
     def detect(self, _value=None):
-        """Detect nuclei on the chosen Image layer in a worker; the result becomes the nuclei layer."""
-
-        from ..nuclei import iter_detect_nuclei
+        """Detect nuclei on the chosen Image layer (its finest scale) in a worker, under the counted spots or
+        on the whole image (``area``); the result becomes the nuclei layer."""
+        from ..nuclei._fullres import iter_detect_in_spots
 
         if self.running:
             return None
@@ -245,15 +298,26 @@ class CellsPerSpotWidget(Container):
         if image.ndim != 2:
             show_error(f"Image {image.name!r} is not a 2-D image (it has {image.ndim} dimensions).")
             return None
+        spots = self._detection_spots()
+        if spots is False:
+            return None
+        centres, radius = spots if spots is not None else (None, None)
         kind = "he" if image.rgb else "fluorescence"
         self._detect_image = image
         self.progress.value = 0
         self.progress.max = 1
-        self.status.value = f"detecting nuclei ({'H&E' if kind == 'he' else 'fluorescence'}, {px:.3g} µm/px)..."
+        where = "the whole image" if self.area.value == AREA_ALL else f"the tiles under {len(centres)} spots"
+        self.status.value = (
+            f"detecting nuclei ({'H&E' if kind == 'he' else 'fluorescence'}, {px:.3g} µm/px) in {where}..."
+        )
         start_worker(
             self,
-            iter_detect_nuclei,
+            iter_detect_in_spots,
             data,
+            spots=centres,
+            spot_radius=radius,
+            image_to_world=data_to_world_matrix(image),
+            whole_image=self.area.value == AREA_ALL,
             pixel_size_um=px,
             kind=kind,
             nucleus_diameter_um=float(self.nucleus_diameter.value),
@@ -267,6 +331,41 @@ class CellsPerSpotWidget(Container):
         self.worker.start()
         return self.worker
 
+    def _detection_spots(self):
+        """World centres and radii of the spots to detect under (``area``); None for the whole image; False
+        (after a notification) when they cannot be told."""
+        if self.area.value == AREA_ALL:
+            return None
+        spots = self.spots.value
+        if spots is None or len(spots.data) == 0:
+            show_error("Choose the spots layer to detect under the spots, or detect in the whole image.")
+            return False
+        mask = self._counted_mask(spots)
+        if mask is None:
+            return False
+        centres, radius = spot_geometry(spots)
+        return centres[mask], radius[mask]
+
+    def _counted_mask(self, spots) -> np.ndarray | None:
+        """(n_spots,) the spots counted: the selected ones (manual protocol) or the in-tissue ones. None, after
+        a notification, when the manual protocol has no spot selected."""
+        n = len(spots.data)
+        if self.scope.value == SCOPE_SELECTED:
+            mask = np.zeros(n, dtype=bool)
+            mask[sorted(i for i in spots.selected_data if i < n)] = True
+            if not mask.any():
+                show_error(
+                    "Select the spots to count in the spots layer first "
+                    "(select mode, shift-click or drag; the original protocol counts 10-20 spots)."
+                )
+                return None
+            return mask
+        ctx = context_of(spots)
+        obs = ctx.adata.obs if ctx is not None else None
+        if obs is not None and "in_tissue" in obs and len(obs) == n:
+            return obs["in_tissue"].to_numpy().astype(bool)
+        return np.ones(n, dtype=bool)
+
     def cancel(self, _value=None):
         """Stop the detection after the current tile."""
         cancel_worker(self)
@@ -276,9 +375,9 @@ class CellsPerSpotWidget(Container):
         self.progress.value = int(p.tile)
         self.status.value = f"tile {p.tile}/{p.total}: {p.n_candidates} candidates, {p.elapsed_s:.1f} s"
 
-    def _on_detected(self, table: pd.DataFrame):
+    def _on_detected(self, found):
         image = self._detect_image
-        world = to_world(image, table[["row", "col"]].to_numpy())
+        table, world = found.table, found.world
         size = float(self.nucleus_diameter.value) / (self.um_per_world() or 1.0)
         if self.pixel_size.value > 0:  # typed pixel size: nucleus size through the image's scale
             size = float(self.nucleus_diameter.value) / float(self.pixel_size.value) * _linear_scale(image)
@@ -299,7 +398,7 @@ class CellsPerSpotWidget(Container):
         self._refresh()
         self.nuclei.value = layer
         self.status.value = (
-            f"{len(table)} nuclei detected (threshold {table.attrs.get('threshold', float('nan')):.3g}); "
+            f"{found.summary()} (threshold {table.attrs.get('threshold', float('nan')):.3g}); "
             "edit the layer (add / delete points), then count again"
         )
         if self.spots.value is not None:
@@ -352,23 +451,9 @@ class CellsPerSpotWidget(Container):
         if points is None:
             show_error("No nuclei layer: detect nuclei, or add an empty layer and click them.")
             return None
-        n = len(spots.data)
-        if self.scope.value == SCOPE_SELECTED:
-            mask = np.zeros(n, dtype=bool)
-            mask[sorted(i for i in spots.selected_data if i < n)] = True
-            if not mask.any():
-                show_error(
-                    "Select the spots to count in the spots layer first "
-                    "(select mode, shift-click or drag; the original protocol counts 10-20 spots)."
-                )
-                return None
-        else:
-            ctx = context_of(spots)
-            obs = ctx.adata.obs if ctx is not None else None
-            if obs is not None and "in_tissue" in obs and len(obs) == n:
-                mask = obs["in_tissue"].to_numpy().astype(bool)
-            else:
-                mask = np.ones(n, dtype=bool)
+        mask = self._counted_mask(spots)
+        if mask is None:
+            return None
         centres, radius = spot_geometry(spots)
         counts = count_nuclei_per_spot(to_world(points, points.data), centres, radius)
         try:
