@@ -11,7 +11,7 @@ import pytest
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from napari_cell2location.datasets import SyntheticVisium, synthetic_visium
+from napari_cell2location.datasets import SyntheticVisium, density_sweep, synthetic_visium
 
 SMALL = {"n_spots": 60, "n_genes": 80, "n_cell_types": 5, "n_batches": 1}
 
@@ -294,6 +294,79 @@ def test_reference(data):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# crowding, pixel size and the density sweep (issue 12)
+
+
+def _min_spacing(d: SyntheticVisium) -> np.ndarray:
+    """Centre distance over the mean major diameter of every pair of nuclei that could touch."""
+    nuclei = d.truth["nuclei"]
+    um = 0.5 / d.scalefactors["tissue_hires_scalef"]  # µm per image pixel
+    xy = nuclei[["col", "row"]].to_numpy() * um
+    major = nuclei["major_um"].to_numpy()
+    pairs = cKDTree(xy).query_pairs(1.3 * major.max(), output_type="ndarray")
+    dist = np.linalg.norm(xy[pairs[:, 0]] - xy[pairs[:, 1]], axis=1)
+    return dist / (0.5 * (major[pairs[:, 0]] + major[pairs[:, 1]]))
+
+
+def test_nucleus_spacing_lets_nuclei_touch_and_overlap():
+    kw = {**SMALL, "mean_cells_per_spot": 15.0, "seed": 2}
+    crowded = synthetic_visium(**kw, nucleus_spacing=0.8)
+    ratio = _min_spacing(crowded)
+    assert ratio.min() >= 0.8 - 1e-6
+    assert (ratio < 1.0).sum() > 50  # overlapping pairs exist (none do at the default spacing of 1.3)
+    assert _min_spacing(synthetic_visium(**kw)).min() >= 1.3 - 1e-6
+    # the counts, the cells and the image size do not depend on the spacing; the image does
+    default = synthetic_visium(**kw)
+    assert (crowded.adata.X != default.adata.X).nnz == 0
+    assert crowded.image.shape == default.image.shape and not np.array_equal(crowded.image, default.image)
+    np.testing.assert_array_equal(_spot_nuclei_counts(crowded), crowded.truth["n_cells"].to_numpy())
+
+
+def test_image_pixel_size():
+    coarse = synthetic_visium(**SMALL, seed=5)
+    fine = synthetic_visium(**SMALL, seed=5, image_um_per_px=1.0)
+    assert fine.scalefactors["tissue_hires_scalef"] == 0.5 and coarse.scalefactors["tissue_hires_scalef"] == 0.25
+    assert abs(fine.image.shape[0] - 2 * coarse.image.shape[0]) <= 2
+    assert abs(fine.image.shape[1] - 2 * coarse.image.shape[1]) <= 2
+    assert fine.truth["tissue_mask"].shape == fine.image.shape[:2]
+    assert (fine.adata.X != coarse.adata.X).nnz == 0
+    # the nuclei of the spots are the same cells at the same place in µm; the filler differs
+    in_spot = [d.truth["nuclei"][d.truth["nuclei"]["spot"].notna()] for d in (coarse, fine)]
+    np.testing.assert_allclose(in_spot[1][["row", "col"]].to_numpy(), 2 * in_spot[0][["row", "col"]].to_numpy())
+    np.testing.assert_array_equal(in_spot[1]["major_um"].to_numpy(), in_spot[0]["major_um"].to_numpy())
+    # rule 7 at the new scale: spots land on their own nuclei, and the stain is there
+    np.testing.assert_array_equal(_spot_nuclei_counts(fine), fine.truth["n_cells"].to_numpy())
+    rc = np.rint(fine.adata.obsm["spatial"][:, ::-1] * 0.5).astype(int)
+    assert fine.truth["tissue_mask"][rc[:, 0], rc[:, 1]].all()
+    # same stain per nucleus: mean darkness over the drawn nuclei is about the same at both scales
+    dark = []
+    for d in (coarse, fine):
+        rc_n = np.rint(d.truth["nuclei"][["row", "col"]].to_numpy()).astype(int)
+        dark.append(255.0 - d.image[rc_n[:, 0], rc_n[:, 1]].astype(float).mean())
+    assert abs(dark[0] - dark[1]) < 0.1 * dark[0]
+
+
+def test_density_sweep():
+    sweep = list(density_sweep((2, 8, 15), n_spots=40, seed=4))
+    assert [density for density, _ in sweep] == [2.0, 8.0, 15.0]
+    means = [d.truth["n_cells"].mean() for _, d in sweep]
+    assert means[0] < means[1] < means[2]
+    for density, d in sweep:
+        assert abs(d.truth["n_cells"].mean() / density - 1) < 0.25
+        assert d.adata.n_obs == 40 and d.adata.obs["batch"].nunique() == 1
+        assert _min_spacing(d).min() >= 0.8 - 1e-6
+    # one tissue layout for all densities, and deterministic given the seed
+    np.testing.assert_array_equal(sweep[0][1].adata.obsm["spatial"], sweep[2][1].adata.obsm["spatial"])
+    again = next(density_sweep((15,), n_spots=40, seed=4))[1]
+    np.testing.assert_array_equal(again.image, sweep[2][1].image)
+    pd.testing.assert_frame_equal(again.truth["nuclei"], sweep[2][1].truth["nuclei"])
+    # settings pass through
+    fine = next(density_sweep((5,), n_spots=20, image_um_per_px=1.0, nucleus_spacing=1.0, n_genes=12))[1]
+    assert fine.adata.n_vars == 12 and fine.scalefactors["tissue_hires_scalef"] == 0.5
+    assert _min_spacing(fine).min() >= 1.0 - 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
 # SpatialData
 
 
@@ -352,7 +425,16 @@ def test_other_sizes(kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n_spots": 0}, {"n_spots": 3, "n_batches": 4}, {"n_genes": -1}, {"mean_cells_per_spot": 0.0}, {"n_batches": 1.5}],
+    [
+        {"n_spots": 0},
+        {"n_spots": 3, "n_batches": 4},
+        {"n_genes": -1},
+        {"mean_cells_per_spot": 0.0},
+        {"n_batches": 1.5},
+        {"nucleus_spacing": 0.0},
+        {"image_um_per_px": -2.0},
+        {"image_um_per_px": float("nan")},
+    ],
 )
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError):

@@ -9,24 +9,33 @@ model on the data is well specified and its estimates can be scored against the 
 * per-spot integer cell counts ``w_sf`` are drawn from zone-driven proportions;
 * counts are ``D_sg ~ NB(mu_sg, alpha_eg)`` with ``mu_sg = (m_g * sum_f w_sf g_fg + s_eg) * y_s``;
 * every cell is drawn as a nucleus on the H&E image, inside its spot's circle, and filler cells are drawn
-  between the spots, so nuclei counting on the image can be checked against ``truth['n_cells']``.
+  between the spots, so nuclei counting on the image can be checked against ``truth['n_cells']``;
+* how close nuclei lie (``nucleus_spacing``: apart, touching, overlapping) and the image's pixel size
+  (``image_um_per_px``) are parameters, and :func:`density_sweep` draws one section per cell density
+  (sparse to crowded) for checking nuclei counts across densities.
 
 Coordinate conventions (written once, used everywhere):
 
 * ``adata.obsm['spatial']`` is (x, y) in full-resolution pixels; one full-resolution pixel is 0.5 µm;
-* the image is stored at ``hires`` scale: image (row, col) = (y, x) * ``tissue_hires_scalef`` (0.25), so one
-  image pixel is 2 µm; pixel centres sit at integer (row, col), as in napari.
+* the image is stored at ``hires`` scale: image (row, col) = (y, x) * ``tissue_hires_scalef`` (0.25 by
+  default, so one image pixel is 2 µm; ``0.5 / image_um_per_px`` in general); pixel centres sit at integer
+  (row, col), as in napari.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 import time
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ._constants import (  # noqa: F401  (public constants of the coordinate conventions)
+    _HIRES_UM_PER_PX,
+    _NUCLEUS_SPACING,
     FULLRES_UM_PER_PX,
     HIRES_SCALEF,
     LOWRES_SCALEF,
@@ -38,7 +47,10 @@ from ._histology import _histology
 from ._layout import _cell_composition
 from ._visium import _LIBRARY_ID, SyntheticVisium, _Names, _reference_adata, _scalefactors, _spatial_adata, _truth
 
-__all__ = ["SyntheticVisium", "synthetic_visium"]
+__all__ = ["SyntheticVisium", "density_sweep", "synthetic_visium"]
+
+#: Cells per spot of :func:`density_sweep`: sparse (2) to crowded (15, as lymph node, tumour, brain cell layers).
+SWEEP_DENSITIES = (2.0, 5.0, 8.0, 12.0, 15.0)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +64,8 @@ def synthetic_visium(
     n_ref_cells_per_type: int = 60,
     image: bool = True,
     seed: int = 0,
+    nucleus_spacing: float = _NUCLEUS_SPACING,
+    image_um_per_px: float = _HIRES_UM_PER_PX,
 ) -> SyntheticVisium:
     """Generate a synthetic Visium experiment, its single-cell reference and the ground truth.
 
@@ -78,6 +92,18 @@ def synthetic_visium(
         Whether to draw the synthetic H&E image and the nuclei (``truth['nuclei']``).
     seed : int
         Seed of the random generator.
+    nucleus_spacing : float
+        Minimum distance between two nuclei centres, in units of the mean of their major diameters. 1.3
+        (default) leaves a gap between neighbours; 1.0 lets them touch; below 1 they overlap, as crowded
+        nuclei do in a section (lymph node, tumour, brain cell layers): at 0.8 two 7 µm nuclei may lie
+        5.6 µm apart. The nuclei of a spot that do not fit are shrunk (see ``major_um``). Only the image
+        and ``truth['nuclei']`` depend on it.
+    image_um_per_px : float
+        Size of one pixel of the H&E image (µm), stored as the ``hires`` image with
+        ``tissue_hires_scalef = 0.5 / image_um_per_px``: 2 (default) as a Visium hires image, where a 7 µm
+        nucleus is 3.5 px across; 0.25-1 as a full-resolution scan. The image grows as
+        ``1 / image_um_per_px ** 2`` (use fewer spots at fine pixel sizes). The spot nuclei (position,
+        size, type) do not depend on it; the filler nuclei between spots and the pixels do.
 
     Returns
     -------
@@ -105,7 +131,8 @@ def synthetic_visium(
     Raises
     ------
     ValueError
-        If a size is not positive, or there are fewer spots than sections.
+        If a size is not positive, there are fewer spots than sections, or ``nucleus_spacing`` or
+        ``image_um_per_px`` is not positive.
 
     Examples
     --------
@@ -114,6 +141,9 @@ def synthetic_visium(
     (60, 80)
     """
     _check_arguments(n_spots, n_genes, n_cell_types, n_batches, n_ref_cells_per_type, mean_cells_per_spot)
+    for name, value in (("nucleus_spacing", nucleus_spacing), ("image_um_per_px", image_um_per_px)):
+        if not (isinstance(value, numbers.Real) and 0 < value < np.inf):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
     n_spots, n_genes, n_cell_types, n_batches = int(n_spots), int(n_genes), int(n_cell_types), int(n_batches)
     start = time.perf_counter()
     rng_layout, rng_cells, rng_expr, rng_counts, rng_ref, rng_image = (
@@ -127,6 +157,7 @@ def synthetic_visium(
 
     names = _Names.make(n_spots, n_genes, n_cell_types, n_batches, comp.zones.shape[1])
     scalefactors = _scalefactors()
+    scalefactors["tissue_hires_scalef"] = FULLRES_UM_PER_PX / float(image_um_per_px)
     adata = _spatial_adata(comp, spatial, names, scalefactors)
     reference = _reference_adata(ref, names)
     signatures = pd.DataFrame(g_gf, index=names.genes, columns=names.types)
@@ -134,7 +165,9 @@ def synthetic_visium(
 
     he = None
     if image:
-        he, truth["nuclei"], truth["tissue_mask"] = _histology(rng_image, comp, names.spots, names.types)
+        he, truth["nuclei"], truth["tissue_mask"] = _histology(
+            rng_image, comp, names.spots, names.types, float(nucleus_spacing), float(image_um_per_px)
+        )
         adata.uns["spatial"][_LIBRARY_ID]["images"] = {"hires": he}
 
     logger.info(
@@ -150,6 +183,69 @@ def synthetic_visium(
         scalefactors=scalefactors,
         library_id=_LIBRARY_ID,
     )
+
+
+def density_sweep(
+    densities: Sequence[float] = SWEEP_DENSITIES,
+    *,
+    nucleus_spacing: float = 0.8,
+    image_um_per_px: float = _HIRES_UM_PER_PX,
+    n_spots: int = 100,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Iterator[tuple[float, SyntheticVisium]]:
+    """One synthetic section per cell density, sparse to crowded, for checking nuclei counts across densities.
+
+    Each section is :func:`synthetic_visium` with ``mean_cells_per_spot`` set to one of ``densities`` and
+    everything else equal (same seed: the same tissue outline and zones, more cells). Within a section the
+    cells per spot still vary spatially (about 0.25x to 2.3x the mean), so a per-spot correlation can be
+    scored at every density. With the default ``nucleus_spacing`` of 0.8, nuclei may overlap by up to a
+    fifth of their diameter, so the crowded sections have touching and overlapping nuclei as lymph node,
+    tumour or brain cell layers do. Sections are generated one at a time as the iterator is consumed.
+
+    Parameters
+    ----------
+    densities : sequence of float
+        Mean cells per spot of each section (default 2, 5, 8, 12, 15).
+    nucleus_spacing : float
+        Minimum centre distance of two nuclei in units of their mean major diameter (see
+        :func:`synthetic_visium`; 1.3 keeps a gap, 1.0 touching, 0.8 overlapping).
+    image_um_per_px : float
+        Pixel size of the drawn H&E (µm); 2 is Visium's hires scale, 0.25-1 a full-resolution scan.
+    n_spots : int
+        Spots per section.
+    seed : int
+        Seed shared by all sections.
+    **kwargs
+        Further arguments of :func:`synthetic_visium` (``n_genes``, ``n_cell_types``, ``n_batches``, ...);
+        by default 40 genes, 6 cell types and one section, since only the image and the cell numbers matter
+        here.
+
+    Yields
+    ------
+    tuple of (float, SyntheticVisium)
+        The density and its section.
+
+    Examples
+    --------
+    >>> for density, data in density_sweep((2, 15), n_spots=20, image=False):
+    ...     print(density, data.truth["n_cells"].mean() > density / 2)
+    2.0 True
+    15.0 True
+    """
+    settings = {"n_genes": 40, "n_cell_types": 6, "n_batches": 1, **kwargs}
+    for density in densities:
+        yield (
+            float(density),
+            synthetic_visium(
+                n_spots=n_spots,
+                mean_cells_per_spot=float(density),
+                nucleus_spacing=nucleus_spacing,
+                image_um_per_px=image_um_per_px,
+                seed=seed,
+                **settings,
+            ),
+        )
 
 
 def _check_arguments(

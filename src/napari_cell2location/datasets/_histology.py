@@ -1,11 +1,17 @@
-"""The synthetic H&E image at hires scale: tissue mask, stain fields and one drawn nucleus per cell."""
+"""The synthetic H&E image: tissue mask, stain fields and one drawn nucleus per cell.
+
+The image is drawn at ``um_per_px`` µm per pixel (2 µm, the ``hires`` scale, by default). Lengths of the
+stain texture and of the optical blur are fixed in µm: written in pixels at 2 µm/px and scaled by
+``2 / um_per_px`` at other pixel sizes, so the default image is unchanged and a finer one shows the same
+tissue with more pixels per nucleus.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from ._constants import _HIRES_UM_PER_PX, _IMAGE_MARGIN_UM, _TISSUE_DILATION_UM
+from ._constants import _HIRES_UM_PER_PX, _IMAGE_MARGIN_UM, _NUCLEUS_SPACING, _TISSUE_DILATION_UM
 from ._layout import _Composition, _Section
 from ._nuclei import _nuclei
 
@@ -23,15 +29,16 @@ def _upsample_linear(coarse: np.ndarray, step: int, shape: tuple[int, int]) -> n
     return out
 
 
-def _tissue_mask(shape: tuple[int, int], sections: list[_Section], boxes: list[np.ndarray]) -> np.ndarray:
-    """Boolean tissue mask (H, W) on the hires pixel grid.
+def _tissue_mask(
+    shape: tuple[int, int], sections: list[_Section], boxes: list[np.ndarray], um_per_px: float = _HIRES_UM_PER_PX
+) -> np.ndarray:
+    """Boolean tissue mask (H, W) on the image's pixel grid (``um_per_px`` µm per pixel).
 
     A section's tissue is its outline (the region its spots were selected from) dilated by
     ``_TISSUE_DILATION_UM``, so every spot circle and its nuclei lie on tissue.
     """
     from scipy import ndimage
 
-    um_per_px = _HIRES_UM_PER_PX
     step = 4  # the outline's distance field is smooth: evaluate it on a coarse grid and interpolate
     mask = np.zeros(shape, dtype=bool)
     dil_px = _TISSUE_DILATION_UM / um_per_px
@@ -61,19 +68,27 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return noise[: shape[0], : shape[1]]
 
 
-def _render_he(rng: np.random.Generator, mask: np.ndarray, nuclei: dict[str, np.ndarray]) -> np.ndarray:
+def _render_he(
+    rng: np.random.Generator, mask: np.ndarray, nuclei: dict[str, np.ndarray], um_per_px: float = _HIRES_UM_PER_PX
+) -> np.ndarray:
     """Render a synthetic H&E image (H, W, 3) uint8 from a tissue mask (H, W) and nuclei (image pixel units).
 
-    Colour follows Beer-Lambert: optical density = hematoxylin * h_vec + eosin * e_vec + glass.
+    Colour follows Beer-Lambert: optical density = hematoxylin * h_vec + eosin * e_vec + glass. Overlapping
+    nuclei are max-composited (their union is one evenly stained shape, the hardest case to split).
     """
     from scipy import ndimage
 
     f32 = np.float32
     h, w = mask.shape
-    soft = ndimage.gaussian_filter(mask.astype(f32), 1.2)
-    coarse, fine = _smooth_noise(rng, mask.shape, 24.0, 8), _smooth_noise(rng, mask.shape, 3.0, 1)
+    s = _HIRES_UM_PER_PX / float(um_per_px)  # pixel lengths below are written at 2 µm/px
+
+    def step(n: int) -> int:
+        return max(1, int(round(n * s)))
+
+    soft = ndimage.gaussian_filter(mask.astype(f32), 1.2 * s)
+    coarse, fine = _smooth_noise(rng, mask.shape, 24.0 * s, step(8)), _smooth_noise(rng, mask.shape, 3.0 * s, step(1))
     eosin = soft * (f32(0.55) + f32(0.07) * coarse + f32(0.05) * fine)
-    hema = soft * (f32(0.10) + f32(0.03) * _smooth_noise(rng, mask.shape, 6.0, 2))
+    hema = soft * (f32(0.10) + f32(0.03) * _smooth_noise(rng, mask.shape, 6.0 * s, step(2)))
 
     # nuclei: soft-edged filled ellipses (about one pixel of anti-aliasing), max-composited
     rows, cols = nuclei["row"].astype(f32), nuclei["col"].astype(f32)
@@ -98,8 +113,8 @@ def _render_he(rng: np.random.Generator, mask: np.ndarray, nuclei: dict[str, np.
         np.maximum.at(nuc, (rr * w + cc)[ok], val[ok])
         hema += nuc.reshape(h, w)
 
-    hema = ndimage.gaussian_filter(hema, 0.6)
-    eosin = ndimage.gaussian_filter(eosin, 0.8)
+    hema = ndimage.gaussian_filter(hema, 0.6 * s)
+    eosin = ndimage.gaussian_filter(eosin, 0.8 * s)
     h_vec = np.array([0.65, 0.70, 0.29], dtype=f32)
     e_vec = np.array([0.10, 0.75, 0.35], dtype=f32)
     od = hema[..., None] * h_vec + eosin[..., None] * e_vec + f32(0.03)
@@ -109,26 +124,34 @@ def _render_he(rng: np.random.Generator, mask: np.ndarray, nuclei: dict[str, np.
 
 
 def _histology(
-    rng: np.random.Generator, comp: _Composition, spot_names: np.ndarray, type_names: list[str]
+    rng: np.random.Generator,
+    comp: _Composition,
+    spot_names: np.ndarray,
+    type_names: list[str],
+    spacing: float = _NUCLEUS_SPACING,
+    um_per_px: float = _HIRES_UM_PER_PX,
 ) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
     """Draw the nuclei of all cells and render the H&E image around the sections of ``comp``.
 
-    Returns the image (H, W, 3) uint8, the nuclei table (``row``, ``col`` in image pixels, ``spot``,
-    ``cell_type``, ``major_um``, ``minor_um``, ``angle``) and the tissue mask (H, W).
+    ``spacing`` is the minimum centre distance of two nuclei in units of their mean major diameter (see
+    :func:`._nuclei._nuclei`), ``um_per_px`` the size of one image pixel. Returns the image (H, W, 3) uint8,
+    the nuclei table (``row``, ``col`` in image pixels, ``spot``, ``cell_type``, ``major_um``, ``minor_um``,
+    ``angle``) and the tissue mask (H, W).
     """
+    um_per_px = float(um_per_px)
     extent = np.max(np.stack(comp.boxes)[:, 2:], axis=0) + _IMAGE_MARGIN_UM
-    shape = (int(np.ceil(extent[1] / _HIRES_UM_PER_PX)), int(np.ceil(extent[0] / _HIRES_UM_PER_PX)))
-    mask = _tissue_mask(shape, comp.sections, comp.boxes)
-    nuc = _nuclei(rng, comp, spot_names, mask)
+    shape = (int(np.ceil(extent[1] / um_per_px)), int(np.ceil(extent[0] / um_per_px)))
+    mask = _tissue_mask(shape, comp.sections, comp.boxes, um_per_px)
+    nuc = _nuclei(rng, comp, spot_names, mask, spacing, um_per_px)
     render = {
-        "row": nuc["y_um"] / _HIRES_UM_PER_PX,
-        "col": nuc["x_um"] / _HIRES_UM_PER_PX,
-        "major_px": nuc["major_um"] / _HIRES_UM_PER_PX,
-        "minor_px": nuc["minor_um"] / _HIRES_UM_PER_PX,
+        "row": nuc["y_um"] / um_per_px,
+        "col": nuc["x_um"] / um_per_px,
+        "major_px": nuc["major_um"] / um_per_px,
+        "minor_px": nuc["minor_um"] / um_per_px,
         "angle": nuc["angle"],
         "dark": nuc["dark"],
     }
-    he = _render_he(rng, mask, render)
+    he = _render_he(rng, mask, render, um_per_px)
     nuclei = pd.DataFrame(
         {
             "row": render["row"],

@@ -21,12 +21,15 @@ _FILLER_ROUNDS = 6  # rounds of random sequential addition of filler nuclei
 _FILLER_RATE = 0.008  # filler candidates per µm² of tissue per round
 
 
-def _pack_disk(rng: np.random.Generator, diam: np.ndarray, radius: float) -> tuple[np.ndarray, float]:
-    """Place ``len(diam)`` nuclei centres in a disk of ``radius`` without overlaps.
+def _pack_disk(
+    rng: np.random.Generator, diam: np.ndarray, radius: float, spacing: float = _NUCLEUS_SPACING
+) -> tuple[np.ndarray, float]:
+    """Place ``len(diam)`` nuclei centres in a disk of ``radius``, no two closer than ``spacing`` allows.
 
-    Random sequential addition with minimum centre distance ``_NUCLEUS_SPACING`` times the mean major
-    diameter of the pair; when the disk is too crowded the nuclei are shrunk, and at last they are laid on
-    a sunflower spiral. Returns offsets (n, 2) from the disk centre and the shrink factor applied to ``diam``.
+    Random sequential addition with minimum centre distance ``spacing`` times the mean major diameter of
+    the pair (above 1 the nuclei keep a gap, below 1 they may overlap); when the disk is too crowded the
+    nuclei are shrunk, and at last they are laid on a sunflower spiral. Returns offsets (n, 2) from the disk
+    centre and the shrink factor applied to ``diam``.
     """
     n = len(diam)
     for shrink in (1.0, 0.92, 0.85, 0.78, 0.72, 0.66):
@@ -39,7 +42,7 @@ def _pack_disk(rng: np.random.Generator, diam: np.ndarray, radius: float) -> tup
         for x, y in zip((r * np.cos(t)).tolist(), (r * np.sin(t)).tolist(), strict=True):
             di = d[len(px)]
             for ax, ay, ad in zip(px, py, d, strict=False):
-                lim = _NUCLEUS_SPACING * 0.5 * (di + ad)
+                lim = spacing * 0.5 * (di + ad)
                 if (x - ax) ** 2 + (y - ay) ** 2 < lim * lim:
                     break
             else:
@@ -54,7 +57,7 @@ def _pack_disk(rng: np.random.Generator, diam: np.ndarray, radius: float) -> tup
     offsets = np.stack([rr * np.cos(tt), rr * np.sin(tt)], axis=1)
     if n > 1:
         dd = np.sqrt(((offsets[:, None] - offsets[None]) ** 2).sum(-1)) + np.eye(n) * 1e9
-        shrink = min(0.66, float(dd.min()) / (_NUCLEUS_SPACING * float(diam.max())))
+        shrink = min(0.66, float(dd.min()) / (spacing * float(diam.max())))
     else:
         shrink = 1.0
     return offsets, shrink
@@ -73,9 +76,13 @@ def _nucleus_shapes(
 
 
 def _spot_nuclei(
-    rng: np.random.Generator, spot_xy: np.ndarray, w_sf: np.ndarray, type_diameter: np.ndarray
+    rng: np.random.Generator,
+    spot_xy: np.ndarray,
+    w_sf: np.ndarray,
+    type_diameter: np.ndarray,
+    spacing: float = _NUCLEUS_SPACING,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Nuclei of the ``w_sf`` cells of each spot, packed inside the spot's circle.
+    """Nuclei of the ``w_sf`` cells of each spot, packed inside the spot's circle (:func:`_pack_disk`).
 
     Returns centres (n, 2), cell type (n,), owning spot index (n,) and shapes (n, 4).
     """
@@ -87,7 +94,7 @@ def _spot_nuclei(
             continue
         t = rng.permutation(t)
         major, minor, angle, dark = _nucleus_shapes(rng, t, type_diameter)
-        offsets, shrink = _pack_disk(rng, major, _SPOT_RADIUS_UM - _EDGE_MARGIN_UM)
+        offsets, shrink = _pack_disk(rng, major, _SPOT_RADIUS_UM - _EDGE_MARGIN_UM, spacing)
         xs.append(spot_xy[s] + offsets)
         types.append(t)
         owner.append(np.full(len(t), s))
@@ -101,22 +108,26 @@ def _spot_nuclei(
 
 
 def _filler_candidates(
-    rng: np.random.Generator, tissue_px: np.ndarray, width: int, tissue_area: float, spot_tree
+    rng: np.random.Generator, tissue_px: np.ndarray, width: int, tissue_area: float, spot_tree, um_per_px: float
 ) -> tuple[np.ndarray, int]:
-    """Uniform candidate centres on the tissue pixels ``tissue_px`` (flat indices of an image ``width`` wide).
+    """Uniform candidate centres on the tissue pixels ``tissue_px`` (flat indices of an image ``width`` wide,
+    ``um_per_px`` µm per pixel).
 
     Returns the candidates (m, 2) in µm that keep clear of every spot circle, and the number drawn.
     """
     n = rng.poisson(_FILLER_RATE * tissue_area)
     pick = tissue_px[rng.integers(0, len(tissue_px), n)]
     jitter = rng.uniform(-0.5, 0.5, (n, 2))
-    xy = (np.stack([pick % width, pick // width], axis=1) + jitter) * _HIRES_UM_PER_PX
+    xy = (np.stack([pick % width, pick // width], axis=1) + jitter) * um_per_px
     ok = spot_tree.query(xy)[0] >= _SPOT_RADIUS_UM + _EDGE_MARGIN_UM
     return xy[ok], n
 
 
-def _drop_sure_clashes(xy: np.ndarray, placed_xy: np.ndarray, placed_major: np.ndarray) -> tuple[np.ndarray, Any]:
-    """Drop candidates ``xy`` that clash with a placed nucleus whatever their own size.
+def _drop_sure_clashes(
+    xy: np.ndarray, placed_xy: np.ndarray, placed_major: np.ndarray, spacing: float = _NUCLEUS_SPACING
+) -> tuple[np.ndarray, Any]:
+    """Drop candidates ``xy`` that clash with a placed nucleus whatever their own size (minimum centre
+    distance ``spacing`` times the pair's mean major diameter).
 
     Returns the remaining candidates and their pairs with placed nuclei in reach (structured array with
     fields ``i`` (candidate), ``j`` (placed nucleus), ``v`` (distance)), or None when either set is empty.
@@ -126,8 +137,8 @@ def _drop_sure_clashes(xy: np.ndarray, placed_xy: np.ndarray, placed_major: np.n
     if not (len(placed_xy) and len(xy)):
         return xy, None
     min_major, max_major = _NUCLEUS_DIAMETER_UM
-    pairs = cKDTree(xy).sparse_distance_matrix(cKDTree(placed_xy), _NUCLEUS_SPACING * max_major, output_type="ndarray")
-    sure = pairs["v"] < _NUCLEUS_SPACING * 0.5 * (min_major + placed_major[pairs["j"]])
+    pairs = cKDTree(xy).sparse_distance_matrix(cKDTree(placed_xy), spacing * max_major, output_type="ndarray")
+    sure = pairs["v"] < spacing * 0.5 * (min_major + placed_major[pairs["j"]])
     clear = np.ones(len(xy), dtype=bool)
     clear[pairs["i"][sure]] = False
     new_index = np.cumsum(clear) - 1
@@ -136,7 +147,9 @@ def _drop_sure_clashes(xy: np.ndarray, placed_xy: np.ndarray, placed_major: np.n
     return xy[clear], pairs
 
 
-def _clashes(xy: np.ndarray, major: np.ndarray, placed_pairs: Any, placed_major: np.ndarray) -> np.ndarray:
+def _clashes(
+    xy: np.ndarray, major: np.ndarray, placed_pairs: Any, placed_major: np.ndarray, spacing: float = _NUCLEUS_SPACING
+) -> np.ndarray:
     """Candidates (boolean, (m,)) that overlap, with their actual sizes, a placed nucleus or another candidate.
 
     Among candidates of one round the later one loses (Matern type II); ``placed_pairs`` is the second
@@ -147,13 +160,13 @@ def _clashes(xy: np.ndarray, major: np.ndarray, placed_pairs: Any, placed_major:
     bad = np.zeros(len(xy), dtype=bool)
     if placed_pairs is not None and len(placed_pairs):
         i, j = placed_pairs["i"], placed_pairs["j"]
-        clash = placed_pairs["v"] < _NUCLEUS_SPACING * 0.5 * (major[i] + placed_major[j])
+        clash = placed_pairs["v"] < spacing * 0.5 * (major[i] + placed_major[j])
         bad[i[clash]] = True
-    lim = _NUCLEUS_SPACING * _NUCLEUS_DIAMETER_UM[1]
+    lim = spacing * _NUCLEUS_DIAMETER_UM[1]
     pairs = cKDTree(xy).query_pairs(lim, output_type="ndarray") if len(xy) else np.zeros((0, 2), int)
     if len(pairs):
         dist = np.sqrt(((xy[pairs[:, 0]] - xy[pairs[:, 1]]) ** 2).sum(axis=1))
-        clash = dist < _NUCLEUS_SPACING * 0.5 * (major[pairs[:, 0]] + major[pairs[:, 1]])
+        clash = dist < spacing * 0.5 * (major[pairs[:, 0]] + major[pairs[:, 1]])
         bad[pairs[clash].max(axis=1)] = True
     return bad
 
@@ -170,8 +183,11 @@ def _saturated_filler(
     spot_xy: np.ndarray,
     spot_major: np.ndarray,
     type_diameter: np.ndarray,
+    spacing: float = _NUCLEUS_SPACING,
+    um_per_px: float = _HIRES_UM_PER_PX,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Filler nuclei between the spots, by random sequential addition to saturation of the tissue ``mask``.
+    """Filler nuclei between the spots, by random sequential addition to saturation of the tissue ``mask``
+    (an image of ``um_per_px`` µm per pixel), no two nuclei closer than ``spacing`` allows.
 
     Returns centres (n, 2), cell types (n,), shapes (n, 4) and the tissue area (µm²) outside the spot circles.
     """
@@ -181,17 +197,17 @@ def _saturated_filler(
     placed_xy, placed_major = spot_xy, spot_major
     fill_xy, fill_types, fill_shapes = np.zeros((0, 2)), np.zeros(0, dtype=int), np.zeros((0, 4))
     tissue_px = np.flatnonzero(mask)
-    tissue_area = len(tissue_px) * _HIRES_UM_PER_PX**2
+    tissue_area = len(tissue_px) * um_per_px**2
     n_pass, n_cand = 0, 0
     for _ in range(_FILLER_ROUNDS):
-        xy, n = _filler_candidates(rng, tissue_px, mask.shape[1], tissue_area, spot_tree)
+        xy, n = _filler_candidates(rng, tissue_px, mask.shape[1], tissue_area, spot_tree, um_per_px)
         n_cand += n
         n_pass += len(xy)
         # types and sizes are drawn only for candidates that may fit
-        xy, placed_pairs = _drop_sure_clashes(xy, placed_xy, placed_major)
+        xy, placed_pairs = _drop_sure_clashes(xy, placed_xy, placed_major, spacing)
         t = _draw_types(rng, comp.type_probabilities(comp.zones_at(xy)))
         major, minor, angle, dark = _nucleus_shapes(rng, t, type_diameter)
-        keep = ~_clashes(xy, major, placed_pairs, placed_major)
+        keep = ~_clashes(xy, major, placed_pairs, placed_major, spacing)
         fill_xy = np.concatenate([fill_xy, xy[keep]])
         fill_types = np.concatenate([fill_types, t[keep]])
         fill_shapes = np.concatenate([fill_shapes, np.stack([major, minor, angle, dark], axis=1)[keep]])
@@ -211,17 +227,26 @@ def _thin_filler(rng: np.random.Generator, comp: _Composition, fill_xy: np.ndarr
 
 
 def _nuclei(
-    rng: np.random.Generator, comp: _Composition, spot_names: np.ndarray, mask: np.ndarray
+    rng: np.random.Generator,
+    comp: _Composition,
+    spot_names: np.ndarray,
+    mask: np.ndarray,
+    spacing: float = _NUCLEUS_SPACING,
+    um_per_px: float = _HIRES_UM_PER_PX,
 ) -> dict[str, np.ndarray]:
     """Nuclei of all cells: those of each spot inside its circle, filler cells on the tissue ``mask`` between spots.
+
+    ``spacing`` is the minimum centre distance of two nuclei in units of their mean major diameter;
+    ``mask`` is on an image grid of ``um_per_px`` µm per pixel. The nuclei of the spots are drawn before
+    the filler, so they do not depend on ``um_per_px``.
 
     Returns centres ``x_um``, ``y_um``, owning ``spot`` name (None for filler cells), cell ``type`` index and
     the shape columns ``major_um``, ``minor_um``, ``angle``, ``dark``, one entry per nucleus.
     """
     type_diameter = rng.uniform(6.5, 8.5, comp.w_sf.shape[1])
-    spot_xy, spot_types, spot_owner, spot_shapes = _spot_nuclei(rng, comp.xy_um, comp.w_sf, type_diameter)
+    spot_xy, spot_types, spot_owner, spot_shapes = _spot_nuclei(rng, comp.xy_um, comp.w_sf, type_diameter, spacing)
     fill_xy, fill_types, fill_shapes, filler_area = _saturated_filler(
-        rng, comp, mask, spot_xy, spot_shapes[:, 0], type_diameter
+        rng, comp, mask, spot_xy, spot_shapes[:, 0], type_diameter, spacing, um_per_px
     )
     keep = _thin_filler(rng, comp, fill_xy, filler_area)
 
