@@ -154,7 +154,7 @@ def test_progress_generator_and_callback(section):
         table = stop.value
     n_tiles = int(np.ceil(section.image.shape[0] / 256) * np.ceil(section.image.shape[1] / 256))
     assert [r.tile for r in recs] == list(range(1, n_tiles + 1)) and recs[-1].total == n_tiles
-    assert isinstance(table, pd.DataFrame) and list(table.columns) == ["row", "col", "response"]
+    assert isinstance(table, pd.DataFrame) and list(table.columns) == ["row", "col", "response", "split"]
     seen = []
     nuclei.detect_nuclei(section.image, pixel_size_um=px, chunk_size=512, progress=seen.append)
     assert len(seen) == int(np.ceil(section.image.shape[0] / 512) * np.ceil(section.image.shape[1] / 512))
@@ -207,6 +207,76 @@ def test_low_resolution_warns(caplog):
     assert "cannot be resolved" in caplog.text
 
 
+# ---------------------------------------------------------------------------------------------- touching nuclei
+def _pairs_image(px: float, separation: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """H&E-like image at ``px`` µm/px: 7 µm nuclei on a grid, every other site a pair ``separation`` diameters apart.
+
+    Returns the image and the true centres (n, 2) as (row, col).
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    diameter = 7.0 / px
+    size = int(480 / px)
+    yy, xx = np.mgrid[0:size, 0:size]
+    hema = np.zeros((size, size), np.float32)
+    centres = []
+    step = 24 / px
+    for i, cy in enumerate(np.arange(step, size - step, step)):
+        for j, cx in enumerate(np.arange(step, size - step, step)):
+            angle = rng.uniform(0, np.pi)
+            half = 0.5 * separation * diameter * np.array([np.sin(angle), np.cos(angle)]) * ((i + j) % 2)
+            sites = [(cy + half[0], cx + half[1]), (cy - half[0], cx - half[1])] if (i + j) % 2 else [(cy, cx)]
+            for r, c in sites:
+                disk = (yy - r) ** 2 + (xx - c) ** 2 <= (0.5 * diameter * rng.uniform(0.9, 1.1)) ** 2
+                hema = np.maximum(hema, disk * np.float32(rng.uniform(0.9, 1.2)))  # overlaps: one even stain
+                centres.append((r, c))
+    hema = ndimage.gaussian_filter(hema, 0.5)
+    od = hema[..., None] * np.array([0.65, 0.70, 0.29]) + 0.25 * np.array([0.10, 0.75, 0.35]) + 0.03
+    img = np.clip(255 * np.exp(-od) + rng.normal(0, 2, od.shape), 0, 255).astype(np.uint8)
+    return img, np.asarray(centres)
+
+
+@pytest.mark.parametrize(("px", "separation"), [(1.0, 0.8), (2.0, 1.0)])
+def test_touching_and_overlapping_nuclei_are_split(px, separation):
+    """Pairs of nuclei 0.8 diameters apart (overlapping) at 1 µm/px, touching at 2 µm/px (a hires image)."""
+    img, truth = _pairs_image(px, separation)
+    merged = nuclei.detect_nuclei(img, pixel_size_um=px, threshold=0.05, split_touching=False)
+    found = nuclei.detect_nuclei(img, pixel_size_um=px, threshold=0.05)
+    assert len(merged) < 0.92 * len(truth)  # the peaks alone merge pairs
+    assert abs(len(found) / len(truth) - 1) < 0.03, (len(found), len(truth))
+    assert found.attrs["n_split"] == len(found) - len(merged) > 0
+    # the added centres sit on nuclei, not between them
+    dist, _ = cKDTree(truth).query(found.loc[found["split"], ["row", "col"]].to_numpy())
+    assert np.median(dist) < 0.25 * 7.0 / px
+    # tiled == untiled with splitting
+    tiled = nuclei.detect_nuclei(img, pixel_size_um=px, threshold=0.05, chunk_size=100)
+    a, b = found[["row", "col"]].to_numpy(), tiled[["row", "col"]].to_numpy()
+    np.testing.assert_array_equal(a[np.lexsort(a.T)], b[np.lexsort(b.T)])
+
+
+def test_isolated_nuclei_are_not_split(section, detected):
+    """On the default synthetic section (nuclei 1.3 diameters apart) splitting adds nothing."""
+    assert detected.attrs["split_touching"] and detected.attrs["n_split"] == 0 and not detected["split"].any()
+    plain = nuclei.detect_nuclei(section.image, pixel_size_um=_pixel_size_um(section), split_touching=False)
+    pd.testing.assert_frame_equal(plain[["row", "col", "response"]], detected[["row", "col", "response"]])
+    # below one pixel per nucleus radius (lowres images) there is nothing to split: it is off
+    assert not nuclei.detect_nuclei(section.image[:200, :200], pixel_size_um=5.0).attrs["split_touching"]
+
+
+def test_plateau_maxima_do_not_depend_on_the_tile_origin():
+    from napari_cell2location.nuclei._detect import _local_maxima
+
+    def inner(p):  # away from the cut: no plateau there reaches it
+        return p[(p[:, 0] >= 20) & (p[:, 0] < 100) & (p[:, 1] >= 20) & (p[:, 1] < 100)]
+
+    for seed in range(20):  # the former float centroid picked another pixel of a tie in 5 of these
+        values = np.random.default_rng(seed).integers(0, 4, (120, 120)).astype(np.float32)  # many plateaus
+        a = inner(_local_maxima(values, 1))
+        b = inner(_local_maxima(values[7:, 13:], 1) + [7, 13])
+        np.testing.assert_array_equal(a[np.lexsort(a.T)], b[np.lexsort(b.T)])
+
+
 # ---------------------------------------------------------------------------------------------- counting
 def test_count_nuclei_per_spot_geometry():
     spots = np.array([[10.0, 10.0], [10.0, 30.0]])
@@ -228,6 +298,23 @@ def test_spots_in_image_convention():
     assert radius == 5.0
     with pytest.raises(ValueError):
         nuclei.spots_in_image(np.zeros((3, 3)), 0.5, 20.0)
+
+
+def test_default_estimate_is_unbiased_at_every_density():
+    """Skewed clean counts are not clipped (the mean), where a 5 % winsorised mean is low; outliers still are."""
+    rng = np.random.default_rng(0)
+    for mean in (2.0, 8.0, 15.0):
+        counts = rng.poisson(mean * rng.gamma(3.0, 1 / 3.0, 3000))  # spatially varying density
+        est = nuclei.estimate_n_cells_per_location(counts)
+        assert est.value == pytest.approx(counts.mean(), rel=1e-3)
+        old = nuclei.estimate_n_cells_per_location(counts, trim=0.05)
+        assert old.value < 0.985 * counts.mean(), (mean, old.value / counts.mean())
+    counts = np.r_[rng.poisson(8, 500), 400, 350]  # a fold
+    assert nuclei.estimate_n_cells_per_location(counts).value < 8.5
+    lo, hi = nuclei.outlier_fences(rng.poisson(8, 1000))
+    assert 0 <= lo < 2 and 20 < hi < 40
+    with pytest.raises(ValueError, match="trim"):
+        nuclei.estimate_n_cells_per_location([1, 2], trim=0.6)
 
 
 def test_estimate_n_cells_per_location():

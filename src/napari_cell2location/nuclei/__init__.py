@@ -14,6 +14,7 @@ from ._count import (
     NCellsEstimate,
     count_nuclei_per_spot,
     estimate_n_cells_per_location,
+    outlier_fences,
     overlap_scaling,
     spots_in_image,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "estimate_n_cells_per_location",
     "iter_detect_nuclei",
     "nuclear_signal",
+    "outlier_fences",
     "overlap_scaling",
     "spots_in_image",
 ]

@@ -10,7 +10,11 @@ The default detector needs only scipy and scikit-image:
    varying tissue stain; the small inner sigma keeps touching nuclei apart;
 3. local maxima of windows ``0.6 r`` in half-width (as :func:`skimage.feature.peak_local_max`) whose response
    exceeds a threshold; ``threshold='auto'`` picks it from all candidate maxima of the image (see
-   :func:`auto_threshold`).
+   :func:`auto_threshold`);
+4. nuclei that touch or overlap a neighbour give one maximum for the pair; with ``split_touching`` (the
+   default) each lobe of the stained area that lies more than one radius from every maximum becomes a
+   centre of its own (distance map of the stained area, :mod:`._split`). Without it the counts fall
+   short in crowded tissue (15 % at 15 cells per spot with overlapping nuclei).
 
 Large images are read in square tiles with a halo wide enough that every filter and the maximum search
 see the same neighbourhood as on the whole image, and each tile keeps the maxima inside its own core, so
@@ -32,6 +36,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from . import _split
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +128,10 @@ def _tiles(shape: tuple[int, int], chunk: int, regions=None) -> list[tuple[int, 
 def _local_maxima(response: np.ndarray, min_distance: int) -> np.ndarray:
     """(row, col) of positive local maxima: equal to the maximum of their (2 d + 1)² window.
 
-    A plateau of equal maxima (touching pixels) gives one point, its pixel nearest to its centroid. This is
-    :func:`skimage.feature.peak_local_max`'s rule without its pairwise spacing pass, which is a Python loop
-    over all candidates and dominated the run time.
+    A plateau of equal maxima (touching pixels) gives one point, its pixel nearest to its centroid (the
+    first in row-major order on a tie; distances are compared in exact integer arithmetic, so the choice
+    does not depend on where a tile starts). This is :func:`skimage.feature.peak_local_max`'s rule without
+    its pairwise spacing pass, which is a Python loop over all candidates and dominated the run time.
     """
     from scipy import ndimage
 
@@ -137,10 +144,11 @@ def _local_maxima(response: np.ndarray, min_distance: int) -> np.ndarray:
     if n == rr.size:  # no plateaus: every maximum is a single pixel
         return np.stack([rr, cc], axis=1)
     lab = labels[rr, cc]
-    count = np.bincount(lab, minlength=n + 1)
-    mr = np.bincount(lab, rr, minlength=n + 1) / np.maximum(count, 1)
-    mc = np.bincount(lab, cc, minlength=n + 1) / np.maximum(count, 1)
-    dist = (rr - mr[lab]) ** 2 + (cc - mc[lab]) ** 2
+    # squared distance to the centroid times count²: (count * r - sum r)² + (count * c - sum c)², integers
+    count = np.bincount(lab, minlength=n + 1).astype(np.int64)[lab]
+    sr = np.bincount(lab, rr, minlength=n + 1).astype(np.int64)[lab]
+    sc = np.bincount(lab, cc, minlength=n + 1).astype(np.int64)[lab]
+    dist = (count * rr - sr) ** 2 + (count * cc - sc) ** 2
     order = np.lexsort((dist, lab))
     first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
     return np.stack([rr[first], cc[first]], axis=1)
@@ -308,6 +316,7 @@ def iter_detect_nuclei(
     channel_axis: int | None = -1,
     method: str = "peaks",
     regions=None,
+    split_touching: bool = True,
 ) -> Iterator[DetectProgress]:
     """Detect nuclei centres on an H&E or nuclear fluorescence (DAPI, Hoechst) image, tile by tile.
 
@@ -344,6 +353,11 @@ def iter_detect_nuclei(
     regions : array-like, optional
         (n, 4) boxes ``(r0, r1, c0, c1)`` in image pixels (e.g. the spots and a margin): only the tiles
         that meet a box are read, and nuclei are found there only. Default: the whole image.
+    split_touching : bool
+        Separate touching and overlapping nuclei (default): a lobe of the stained area more than one
+        nucleus radius from every maximum is a nucleus of its own (see :mod:`._split`). Used with
+        ``method='peaks'`` when nuclei are at least one pixel in radius; the halo grows to about ten radii.
+        False gives the maxima only (the behaviour before splitting).
 
     Yields
     ------
@@ -354,8 +368,10 @@ def iter_detect_nuclei(
     -------
     pandas.DataFrame
         One row per nucleus: ``row``, ``col`` (image pixels, napari's (y, x) order, pixel centres at
-        integers) and ``response`` (peak response). ``attrs`` records ``threshold``, ``noise_floor``,
-        ``n_candidates``, ``pixel_size_um`` and the other settings.
+        integers), ``response`` (peak response; for a centre split off a blob, that of the blob's maximum)
+        and ``split`` (True for centres added by splitting touching nuclei). ``attrs`` records
+        ``threshold``, ``noise_floor``, ``n_candidates``, ``n_split``, ``pixel_size_um`` and the other
+        settings.
 
     Raises
     ------
@@ -373,14 +389,18 @@ def iter_detect_nuclei(
             radius_px,
             float(pixel_size_um),
         )
+    split = bool(split_touching) and method == "peaks" and radius_px >= 1.0
     radius_px = max(radius_px, 0.5)
     min_distance = max(1, int(round(0.6 * radius_px)))
     halo = int(math.ceil(4.0 * 3.0 * radius_px)) + min_distance + 2
     model = _load_model(method, kind) if method != "peaks" else None
     if method != "peaks":
         halo = max(halo, int(math.ceil(4 * radius_px)) + 2)  # whole nuclei at the core's edge
+    if split:
+        halo = max(halo, _split.split_halo(radius_px))
     tiles = _tiles((h, w), int(chunk_size), regions)
-    rows, cols, resp = [], [], []
+    rows, cols, resp, contrast = [], [], [], []
+    seeds, depths, seed_contrast = [], [], []
     noise_hist = np.zeros(len(_NOISE_BINS) - 1, dtype=np.int64)
     start = time.perf_counter()
     n_cand = 0
@@ -400,10 +420,18 @@ def iter_detect_nuclei(
             peaks, values = _dog_peaks(signal, radius_px, min_distance)
         else:
             peaks, values = _model_centres(signal, method, model, radius_px)
-        del signal
         # keep the maxima in this tile's core: every maximum is owned by exactly one tile
         pr, pc = peaks[:, 0] + a0, peaks[:, 1] + b0
         own = (pr >= r0 - 0.5) & (pr < r1 - 0.5) & (pc >= c0 - 0.5) & (pc < c1 - 0.5)
+        if split:
+            lobes, depth, lobe_contrast, peak_contrast = _split.blob_seeds(signal, radius_px, peaks[own])
+            lr, lc = lobes[:, 0] + a0, lobes[:, 1] + b0
+            mine = (lr >= r0 - 0.5) & (lr < r1 - 0.5) & (lc >= c0 - 0.5) & (lc < c1 - 0.5)
+            seeds.append(np.stack([lr[mine], lc[mine]], axis=1))
+            depths.append(depth[mine])
+            seed_contrast.append(lobe_contrast[mine])
+            contrast.append(peak_contrast)
+        del signal
         rows.append(pr[own].astype(np.float32))
         cols.append(pc[own].astype(np.float32))
         resp.append(values[own].astype(np.float32))
@@ -419,13 +447,36 @@ def iter_detect_nuclei(
         thr = float(threshold)
     keep = value > thr
     out = pd.DataFrame(
-        {"row": row[keep].astype(np.float64), "col": col[keep].astype(np.float64), "response": value[keep]}
+        {
+            "row": row[keep].astype(np.float64),
+            "col": col[keep].astype(np.float64),
+            "response": value[keep],
+            "split": np.zeros(int(keep.sum()), dtype=bool),
+        }
     )
+    n_split = 0
+    if split and len(out):
+        stays, extra, parent = _split.split_centres(
+            out[["row", "col"]].to_numpy(),
+            np.concatenate(contrast)[keep],
+            np.concatenate(seeds),
+            np.concatenate(depths),
+            np.concatenate(seed_contrast),
+            radius_px,
+        )
+        n_split = len(extra) - int((~stays).sum())
+        if len(extra):
+            added = pd.DataFrame(
+                {"row": extra[:, 0], "col": extra[:, 1], "response": out["response"].to_numpy()[parent], "split": True}
+            )
+            out = pd.concat([out[stays], added], ignore_index=True)
     out.attrs.update(
         {
             "threshold": float(thr),
             "noise_floor": float(floor),
             "n_candidates": int(len(value)),
+            "n_split": int(n_split),
+            "split_touching": bool(split),
             "pixel_size_um": float(pixel_size_um),
             "nucleus_diameter_um": float(nucleus_diameter_um),
             "kind": kind,
@@ -434,8 +485,9 @@ def iter_detect_nuclei(
         }
     )
     logger.info(
-        "detect_nuclei: %d nuclei (%d candidates, threshold %.4g) in %d tiles of %d px, %.2f s",
-        len(out), len(value), thr, len(tiles), int(chunk_size), time.perf_counter() - start,
+        "detect_nuclei: %d nuclei (%d split off touching neighbours; %d candidates, threshold %.4g) in %d tiles "
+        "of %d px, %.2f s",
+        len(out), n_split, len(value), thr, len(tiles), int(chunk_size), time.perf_counter() - start,
     )  # fmt: skip
     return out
 
@@ -444,8 +496,8 @@ def detect_nuclei(image, *, progress: Callable[[DetectProgress], None] | None = 
     """Detect nuclei centres on an H&E or nuclear fluorescence (DAPI, Hoechst) image.
 
     Runs :func:`iter_detect_nuclei` to its end; the image and the settings (``pixel_size_um``, ``kind``,
-    ``nucleus_diameter_um``, ``threshold``, ``chunk_size``, ``channel_axis``, ``method``, ``regions``) are
-    documented there.
+    ``nucleus_diameter_um``, ``threshold``, ``chunk_size``, ``channel_axis``, ``method``, ``regions``,
+    ``split_touching``) are documented there.
 
     Parameters
     ----------
@@ -459,7 +511,7 @@ def detect_nuclei(image, *, progress: Callable[[DetectProgress], None] | None = 
     Returns
     -------
     pandas.DataFrame
-        The nuclei table of :func:`iter_detect_nuclei`: ``row``, ``col``, ``response`` and ``attrs``.
+        The nuclei table of :func:`iter_detect_nuclei`: ``row``, ``col``, ``response``, ``split`` and ``attrs``.
 
     Raises
     ------
