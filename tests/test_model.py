@@ -360,7 +360,9 @@ def test_expected_counts_and_qc_plot(tiny):
     fig = mod.plot_QC()
     assert len(fig.axes) >= 2
     ax = mod.plot_history()
-    assert len(ax.lines) == 1
+    n_epochs = len(mod.history_["elbo_train"])
+    assert len(ax.lines) == (2 if n_epochs >= 20 else 1)
+    assert len(ax.lines[0].get_xdata()) == n_epochs
 
 
 def test_grouped_lgamma_gives_the_same_total_and_gradients():
@@ -555,3 +557,24 @@ def test_guide_set_up_keeps_nothing_the_size_of_the_counts(tiny):
     nodes = mod.guide.prototype_trace.nodes.items()
     sizes = {n: s["value"].numel() for n, s in nodes if torch.is_tensor(s.get("value"))}
     assert sizes and max(sizes.values()) < mod.n_obs * mod.n_vars, sizes
+
+
+def test_history_plot_shows_the_trend_through_noisy_epochs():
+    """The running median follows the trend of a loss whose late epochs swing widely, and the y axis is
+    fitted to the trend and the bulk of the values, not to single outlying draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from napari_cell2location.plotting import plot_history, running_median
+
+    rng = np.random.default_rng(0)
+    epochs = np.arange(900)
+    trend = 600_000 + 300_000 * np.exp(-epochs / 30)
+    noise = rng.normal(0, 1, 900) * np.where(epochs > 400, 70_000, 3_000)
+    noise[[500, 650, 820]] = -450_000  # a few draws far below the plateau
+    ax = plot_history(trend + noise)
+    median = ax.lines[1].get_ydata()
+    assert np.median(np.abs(median[450:] - trend[450:])) < 20_000
+    low, high = ax.get_ylim()
+    assert low > 300_000 and high >= median.max()
+    assert np.allclose(running_median([1, 100, 1, 1, 1], 3), [50.5, 1, 1, 1, 1])

@@ -123,7 +123,7 @@ def test_cancel_stops_between_steps(widget, ref_path, qtbot):
     qtbot.waitUntil(lambda: len(w.losses) >= 2, timeout=60_000)
     w.cancel()
     _wait(qtbot, w)
-    assert w.status.value.startswith("cancelled"), w.status.value
+    assert w.status.value.startswith("Reference training cancelled."), w.status.value
     assert w.signatures is None and not w.save_button.enabled and w.run_button.enabled
 
 

@@ -14,6 +14,7 @@ from napari.utils.notifications import notification_manager  # noqa: E402
 
 from napari_cell2location._layers import CONTEXT_KEY, HOVER_ALWAYS, feature_name, feature_table  # noqa: E402
 from napari_cell2location._qt import Cell2locationDock  # noqa: E402
+from napari_cell2location._qt._notify import HEADLINE_CHARS  # noqa: E402
 from napari_cell2location._sample_data import synthetic_section_layers  # noqa: E402
 
 # tiny data and few steps: the CPU is shared
@@ -152,6 +153,8 @@ def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_pat
 
     back = anndata.read_h5ad(out_h5ad)
     assert "q95_cell_abundance_w_sf" in back.obsm and list(back.uns["mod"]["factor_names"]) == types
+    qc_back = back.obsm["cell2location_qc"]  # the QC is saved with the results
+    np.testing.assert_allclose(qc_back["reconstruction_r"].to_numpy(), table["reconstruction_r"], rtol=1e-5)
     assert dock.fit.save(path=tmp_path / "fit.txt") is None  # wrong extension: notification, nothing written
     assert not (tmp_path / "fit.txt").exists()
     out = dock.fit.save(path=tmp_path / "fit.zarr")
@@ -177,7 +180,7 @@ def test_cancel_stops_worker_and_viewer_responds(setup, qtbot):
     _wait_fit(qtbot, dock.fit, timeout=20_000)
     assert time.perf_counter() - t0 < 15
     assert len(dock.fit.losses) < 5000
-    assert dock.fit.status.value.startswith("cancelled")
+    assert dock.fit.status.value.startswith("Fit cancelled."), dock.fit.status.value
     assert dock.fit.run_button.enabled and not dock.fit.cancel_button.enabled
     assert "cell abundance" not in viewer.layers
     assert any("cancelled" in m for m in _notifications_since(n0))
@@ -244,7 +247,7 @@ def test_fit_error_becomes_notification(setup, qtbot):
     dock.fit.epochs.value = 2
     dock.fit.run()
     _wait_fit(qtbot, dock.fit)
-    assert dock.fit.status.value.startswith("failed")
+    assert dock.fit.status.value.startswith("The fit failed."), dock.fit.status.value
     assert any("fit failed" in m for m in _notifications_since(n0))
     assert "cell abundance" not in viewer.layers
 
@@ -324,7 +327,7 @@ def test_load_saved_model_shows_results_and_qc(setup, qtbot, tmp_path):
 
     n = len(notification_manager.records)
     assert dock.fit.load(path=tmp_path) is None  # no attr.json there
-    assert any("not a saved model folder" in m for m in _notifications_since(n))
+    assert any("not a saved model folder" in m.lower() for m in _notifications_since(n))
     assert "cell abundance" not in viewer.layers
 
     assert dock.fit.load(path=tmp_path / "model") is not None
@@ -345,13 +348,14 @@ def test_load_saved_model_shows_results_and_qc(setup, qtbot, tmp_path):
     dock.fit.load(path=tmp_path / "model")
     _wait_fit(qtbot, dock.fit)
     assert any("spots differ" in m for m in _notifications_since(n)), _notifications_since(n)
-    assert dock.fit.status.value.startswith("failed")
+    assert dock.fit.status.value.startswith("Loading the model failed."), dock.fit.status.value
 
 
 def test_broken_files_become_notifications(setup, qtbot, tmp_path):
     """A garbage signatures file, a reference .h5ad cut short and a saved model with a broken attr.json:
     each gives one notification naming the file; nothing changes and the widgets stay usable."""
     viewer, dock = setup
+    start = len(notification_manager.records)
     before = dock.state.signatures
     garbage = tmp_path / "sig.csv"
     garbage.write_bytes(bytes(range(256)) * 8)
@@ -359,7 +363,9 @@ def test_broken_files_become_notifications(setup, qtbot, tmp_path):
     assert dock.data.load_reference(path=garbage) is False
     assert dock.state.signatures is before
     msgs = _notifications_since(n)
-    assert len(msgs) == 1 and "sig.csv" in msgs[0] and "\n" not in msgs[0]
+    assert len(msgs) == 1 and "sig.csv" in msgs[0] and "/" not in msgs[0]
+    headline = msgs[0].split("\n")[0]  # what napari's toast shows before it is expanded
+    assert len(headline) <= HEADLINE_CHARS and "sig.csv" in dock.data.summary.value + msgs[0]
 
     ref = tmp_path / "ref.h5ad"
     dock.state.context().adata.write_h5ad(ref)
@@ -375,6 +381,53 @@ def test_broken_files_become_notifications(setup, qtbot, tmp_path):
     n = len(notification_manager.records)
     assert dock.fit.load(path=model) is not None
     _wait_fit(qtbot, dock.fit)
-    assert dock.fit.status.value.startswith("failed")
+    assert "failed" in dock.fit.status.value, dock.fit.status.value
     assert any("attr.json' is not a readable saved Cell2location description" in m for m in _notifications_since(n))
     assert "cell abundance" not in viewer.layers and dock.fit.run_button.enabled
+    for message in _notifications_since(start):  # each headline is read whole in napari's toast
+        assert len(message.split("\n")[0]) <= HEADLINE_CHARS, message
+
+
+def test_save_model_then_load_it(setup, qtbot, tmp_path):
+    """Save model writes a folder Load model reads back; an occupied folder is refused, nothing clobbered."""
+    viewer, dock = setup
+    assert not dock.fit.save_model_button.enabled
+    dock.fit.epochs.value = 4
+    dock.fit.run()
+    _wait_fit(qtbot, dock.fit)
+    assert dock.fit.save_model_button.enabled
+    out = dock.fit.save_model(path=tmp_path / "model")
+    assert out is not None and (out / "attr.json").is_file()
+    before = (out / "attr.json").read_bytes()
+    n = len(notification_manager.records)
+    assert dock.fit.save_model(path=tmp_path / "model") is None
+    assert any("already saved there" in m for m in _notifications_since(n))
+    assert (out / "attr.json").read_bytes() == before
+    dock.fit.load(path=out)
+    _wait_fit(qtbot, dock.fit)
+    assert dock.fit.status.value.startswith("loaded"), dock.fit.status.value
+
+
+def test_saved_results_keep_their_qc(make_napari_viewer, tmp_path):
+    """Results saved after a fit and opened in a new session: Spot QC colours and selects from the saved
+    QC, and says that single-spot plots need the model."""
+    from napari_cell2location.datasets import synthetic_visium
+    from napari_cell2location.io import write_results
+    from napari_cell2location.model import fit
+
+    data = synthetic_visium(n_spots=60, n_genes=50, n_cell_types=4, n_batches=1, image=False, seed=5)
+    adata = data.adata.copy()
+    result = fit(adata, data.signatures, progress_bar=False, max_epochs=5, device="cpu")
+    path = write_results(adata, tmp_path / "fitted.h5ad")
+
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-cell2location")
+    dock = Cell2locationDock(viewer)
+    assert dock.state.result is None
+    assert "QC saved with these results" in dock.qc.info.value, dock.qc.info.value
+    assert dock.qc.color_by("reconstruction_r")
+    worst = dock.qc.select_worst(10)
+    expected = np.sort(np.argsort(result.qc["reconstruction_r"].to_numpy())[: len(worst)])
+    assert len(worst) >= 1 and set(worst) <= set(range(60)) and set(expected) == set(worst)
+    dock.qc.show_spot(int(worst[0]))
+    assert "Load the model" in dock.qc.spot_label.value

@@ -9,6 +9,10 @@ from __future__ import annotations
 #: posterior summaries the fit pipeline exports (the original's four, and the median)
 EXPORTED_SUMMARIES = ("means", "stds", "q05", "q50", "q95")
 
+#: ``obsm`` key of the fit pipeline's per-spot QC (total counts and cells, detection y_s, reconstruction r),
+#: so saved results keep it; not one of the original's keys
+QC_KEY = "cell2location_qc"
+
 
 def abundance_key(stat: str) -> str:
     """``obsm`` key of a summary of cell abundance, e.g. ``'q05'`` -> ``'q05_cell_abundance_w_sf'``."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._contract import EXPORTED_SUMMARIES, abundance_key
+from ._contract import EXPORTED_SUMMARIES, QC_KEY, abundance_key
 from .io._sections import (
     bounding_box,
     estimate_spot_diameter,
@@ -128,7 +128,8 @@ def abundance_features(adata) -> pd.DataFrame:
 
 
 def spot_features(adata) -> pd.DataFrame:
-    """Features of a spots layer: barcode, total counts, numeric obs columns and any abundances.
+    """Features of a spots layer: barcode, total counts, numeric obs columns, any abundances and the fit's
+    per-spot QC (``obsm['cell2location_qc']``).
 
     Parameters
     ----------
@@ -152,6 +153,10 @@ def spot_features(adata) -> pd.DataFrame:
     ab = abundance_features(adata)
     if ab.shape[1]:
         df = pd.concat([df, ab], axis=1)
+    qc = adata.obsm.get(QC_KEY)
+    if isinstance(qc, pd.DataFrame) and len(qc) == len(df):  # a fit's per-spot QC, saved with the results
+        extra = [c for c in qc.columns if c not in df]
+        df = pd.concat([df, qc[extra].reset_index(drop=True).astype(np.float32)], axis=1)
     return df
 
 

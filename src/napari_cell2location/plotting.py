@@ -13,8 +13,21 @@ def _axes(ax):
     return ax
 
 
+def running_median(values, window: int) -> np.ndarray:
+    """Centred running median of ``values`` over ``window`` points (shorter at the ends)."""
+    import pandas as pd
+
+    series = pd.Series(np.asarray(values, dtype=float))
+    return series.rolling(int(window), center=True, min_periods=1).median().to_numpy()
+
+
 def plot_history(history, iter_start: int = 0, iter_end: int = -1, ax=None):
-    """Training loss (negative ELBO) per epoch.
+    """Training loss (negative ELBO) per epoch, with its running median.
+
+    Each epoch's loss is a one-sample estimate; late in a fit its spread can exceed its trend (sites the
+    data barely constrain, such as the overdispersion of near-Poisson genes, have wide posteriors). The
+    trend is drawn as a running median over 4 % of the epochs on top of the faint per-epoch values, and the
+    y axis is fitted to the trend and the bulk of the values rather than to single outlying draws.
 
     Parameters
     ----------
@@ -28,6 +41,7 @@ def plot_history(history, iter_start: int = 0, iter_end: int = -1, ax=None):
     Returns
     -------
     matplotlib.axes.Axes
+        ``ax.lines[0]`` is the per-epoch loss; ``ax.lines[1]`` its running median (from 20 epochs).
     """
     ax = _axes(ax)
     if isinstance(history, dict):
@@ -36,9 +50,22 @@ def plot_history(history, iter_start: int = 0, iter_end: int = -1, ax=None):
     end = len(values) if iter_end == -1 else iter_end
     epochs = np.arange(len(values))[iter_start:end]
     values = values[iter_start:end]
-    ax.plot(epochs, values, lw=1)
-    if len(values) and np.all(values > 0) and values.max() / max(values.min(), 1e-12) > 20:
+    finite = values[np.isfinite(values)]
+    if len(finite) < 20:
+        ax.plot(epochs, values, lw=1, color="C0")
+    else:
+        window = max(5, len(values) // 25)
+        trend = running_median(values, window)
+        ax.plot(epochs, values, lw=0.6, color="C0", alpha=0.3, label="per epoch")
+        ax.plot(epochs, trend, lw=1.6, color="C0", label=f"median of {window}")
+        low = min(np.nanmin(trend), np.quantile(finite, 0.02))
+        high = max(np.nanmax(trend), np.quantile(finite, 0.98))
+        pad = 0.05 * (high - low) if high > low else abs(high) * 0.05 + 1e-12
+        ax.set_ylim(low - pad, high + pad)
+    if len(finite) and np.all(finite > 0) and finite.max() / max(finite.min(), 1e-12) > 20:
         ax.set_yscale("log")
+        if len(finite) >= 20:
+            ax.set_ylim(max(low - pad, finite.min()), high + pad)
     ax.set_xlabel("epoch")
     ax.set_ylabel("-ELBO loss")
     ax.set_title("training history")

@@ -8,8 +8,8 @@ import napari.viewer
 import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
-from napari.utils.notifications import show_error, show_info
 
+from ._notify import tell
 from ._state import SharedState, context_of, state_of
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,16 @@ class DataWidget(Container):
 
         path = Path(path if path is not None else self.reference.value)
         if not str(path) or path == Path(".") or path.is_dir() and not path.suffix:
-            show_error("Choose a reference file: a CSV of genes x cell types, or an .h5ad from cell2location.")
+            tell(
+                "error",
+                "Choose a reference file first.",
+                "A CSV of genes x cell types, or an .h5ad from cell2location's RegressionModel (or the Reference tab).",
+            )
             return False
         try:
             df = read_signatures(path)
         except (ValueError, OSError, KeyError) as err:
-            from ..io import shorten_paths
-
-            show_error(f"Cannot use reference {path.name}: {shorten_paths(str(err))}")
+            tell("error", "Not usable as signatures.", f"{path.name}: {err}")
             return False
         self.set_signatures(df, source=path.name)
         return True
@@ -128,11 +130,15 @@ class DataWidget(Container):
             No notification.
         """
         if not isinstance(df, pd.DataFrame) or df.shape[0] == 0 or df.shape[1] == 0:
-            show_error("Signatures must be a non-empty DataFrame of genes x cell types.")
+            tell("error", "No signatures to use.", "Signatures must be a non-empty DataFrame of genes x cell types.")
             return
         self.state.set_signatures(df, source)
         if not quiet:
-            show_info(f"Reference: {df.shape[1]} cell types x {df.shape[0]} genes from {self.state.signatures_source}")
+            tell(
+                "info",
+                f"Signatures: {df.shape[1]} cell types.",
+                f"{df.shape[0]} genes, from {self.state.signatures_source}.",
+            )
 
     # ------------------------------------------------------------------ summary
     def describe(self) -> dict:
@@ -153,8 +159,18 @@ class DataWidget(Container):
     def _update_summary(self, *_):
         d = self.describe()
         ref = self.state.signatures_source or "none loaded"
+        from ..io import MIN_SHARED_GENES
+        from ..io._validate import WARN_SHARED_GENES
+
+        shared = d["shared_genes"]
+        note = ""
+        if self.state.signatures is not None and d["spots"]:
+            if shared < MIN_SHARED_GENES:
+                note = f" (too few to fit: at least {MIN_SHARED_GENES}; do the gene names match, e.g. symbols vs IDs?)"
+            elif shared < WARN_SHARED_GENES:
+                note = f" (few: estimates from under {WARN_SHARED_GENES} genes are unreliable)"
         self.summary.value = (
             f"{d['spots']} spots x {d['genes']} genes, {d['batches']} batch(es)\n"
             f"reference: {ref}, {d['cell_types']} cell types\n"
-            f"genes shared: {d['shared_genes']}"
+            f"genes shared: {shared}{note}"
         )

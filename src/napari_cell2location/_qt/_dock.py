@@ -1,7 +1,8 @@
 """The Cell2location dock: Reference, Data, Cells per spot, Fit, Results and Spot QC as tabs."""
 
 import napari.viewer
-from qtpy.QtWidgets import QScrollArea, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QLabel, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
 from ._cells_widget import CellsPerSpotWidget
 from ._data_widget import DataWidget
@@ -24,6 +25,17 @@ TABS = (
     ("Results", ResultsWidget),
     ("Spot QC", SpotQCWidget),
 )
+
+
+def fit_to_width(native) -> None:
+    """Let a widget's contents narrow to the dock: labels wrap, drop-downs shrink to about 12 characters
+    (their lists still show whole names)."""
+    for label in native.findChildren(QLabel):
+        if label.pixmap() is None or label.pixmap().isNull():
+            label.setWordWrap(True)
+    for combo in native.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(12)
 
 
 class Cell2locationDock(QWidget):
@@ -77,12 +89,15 @@ class Cell2locationDock(QWidget):
             frame_tissue_later(self.viewer)
 
     def add_tab(self, widget, title: str):
-        """Add a widget (magicgui or Qt) as a scrollable tab; returns the tab's page."""
+        """Add a widget (magicgui or Qt) as a tab that scrolls up and down and fits the dock's width: its
+        texts wrap and its drop-downs may shrink, so nothing is cut at the dock's edge; returns the page."""
         native = getattr(widget, "native", widget)
         if native.layout() is not None:
             native.layout().addStretch(1)  # keep the controls together at the top of the tab
+        fit_to_width(native)
         page = QScrollArea()
         page.setWidgetResizable(True)
+        page.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         page.setWidget(native)
         self._pages[title] = page
         self.tabs.addTab(page, title)

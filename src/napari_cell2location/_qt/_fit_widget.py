@@ -11,11 +11,12 @@ from pathlib import Path
 import napari.viewer
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
-from napari.utils.notifications import show_error, show_info, show_warning
 
 from .._variants import ModelVariant
 from ._mpl import MplCanvas
+from ._notify import tell
 from ._state import SharedState, context_of, state_of
+from ._view import frame_tissue_later
 from ._worker import (
     beside_viewer,
     cancel_worker,
@@ -98,23 +99,29 @@ class FitWidget(Container):
         self.plot = MplCanvas(height=2.0, placeholder="the loss (-ELBO) appears here during a fit")
         self.save_path = FileEdit(label="save to", mode="w", filter="Results (*.zarr *.h5ad)")
         self.save_button = PushButton(text="Save results", enabled=False)
-        self.load_path = FileEdit(label="saved model", mode="d")
-        self.load_path.tooltip = "a folder written by Cell2location.save (CLI --save-model, the demo's model/)"
-        self.load_button = PushButton(text="Load fitted model", enabled=False)
+        self.load_path = FileEdit(label="model folder", mode="d")
+        self.load_path.tooltip = (
+            "Save model writes the fitted model here (a new folder); Load reads one written by Save model, "
+            "Cell2location.save or the CLI's --save-model"
+        )
+        self.save_model_button = PushButton(text="Save model", enabled=False)
+        self.load_button = PushButton(text="Load model", enabled=False)
         for label in (self.n_cells_note, self.device_note, self.status):
             label.native.setWordWrap(True)  # long notes wrap instead of being cut or widening the dock
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
+        model_buttons = Container(widgets=[self.save_model_button, self.load_button], layout="horizontal", labels=False)
         self.extend(
             [
                 self.model, self.n_cells, self.n_cells_note, self.detection_alpha, self.epochs, self.tolerance, self.lr,
                 self.batch_size, self.device, self.device_note, buttons, self.progress, self.status,
-                self.plot, self.save_path, self.save_button, self.load_path, self.load_button,
+                self.plot, self.save_path, self.save_button, self.load_path, model_buttons,
             ]
         )  # fmt: skip
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.save_button.changed.connect(self.save)
         self.load_button.changed.connect(self.load)
+        self.save_model_button.changed.connect(self.save_model)
         self.n_cells.changed.connect(self.set_n_cells_per_location)  # typed by the user: a global prior
         self.state.n_cells_changed.connect(self._show_n_cells)
         self.state.data_changed.connect(self._update_run_state)
@@ -178,14 +185,25 @@ class FitWidget(Container):
             return None
         ctx = self.state.context()
         if ctx is None or self.state.signatures is None:
-            show_error("Choose a spots layer and load reference signatures in the Data tab first.")
+            tell(
+                "error",
+                "Choose spots and signatures first.",
+                "In the Data tab: a spots layer and reference signatures.",
+                self.status,
+            )
             return None
         settings = self.settings()
         if settings.per_spot and len(settings.n_cells_per_location) != ctx.adata.n_obs:
-            show_error("The per-spot N_cells_per_location does not match the spots; set it again.")
+            tell(
+                "error",
+                "Per-spot cell counts do not fit these spots.",
+                "Count them again in the Cells per spot tab, or type one N.",
+                self.status,
+            )
             return None
         self.losses = []
         self._t0 = time.perf_counter()
+        self._open_ended = settings.max_epochs is None
         self.progress.max = max(settings.max_epochs or 1, 1)
         self.progress.value = 0
         self.status.value = "setting up the model..."
@@ -208,6 +226,7 @@ class FitWidget(Container):
         self.load_button.enabled = False
         self.cancel_button.enabled = True
         self.save_button.enabled = False
+        self.save_model_button.enabled = False
         self.worker.start()
 
     def load(self, _value=None, path=None):
@@ -218,14 +237,25 @@ class FitWidget(Container):
             return None
         ctx = self.state.context()
         if ctx is None:
-            show_error("Choose the spots layer the model was fitted on in the Data tab first.")
+            tell(
+                "error",
+                "Choose the spots first.",
+                "In the Data tab: the spots layer the model was fitted on.",
+                self.status,
+            )
             return None
         path = Path(path if path is not None else self.load_path.value)
         if not (path / "attr.json").is_file():
-            show_error(f"{path} is not a saved model folder (no attr.json); pick the folder Cell2location.save wrote.")
+            tell(
+                "error",
+                "Not a saved model folder.",
+                f"{path} has no attr.json; pick the folder Cell2location.save (or Save model) wrote.",
+                self.status,
+            )
             return None
         self.losses = []
         self._t0 = time.perf_counter()
+        self._open_ended = False
         self.progress.max, self.progress.value = 1, 0
         self.status.value = f"loading {path.name}..."
         self._fit_layer = self.state.spots_layer
@@ -256,7 +286,8 @@ class FitWidget(Container):
             self.draw_history()
 
     def draw_history(self, history=None):
-        """Redraw the ELBO plot from ``history`` (default: the losses of the current run)."""
+        """Redraw the ELBO plot from ``history`` (a finished fit's) or, by default, the losses of the
+        running fit."""
         from ..plotting import plot_history
 
         values = self.losses if history is None else history
@@ -264,7 +295,7 @@ class FitWidget(Container):
         ax.clear()
         if len(values):
             plot_history(np.asarray(values), ax=ax)
-        ax.set_title("-ELBO (live)", fontsize=9)
+        ax.set_title("-ELBO (live)" if history is None else "-ELBO", fontsize=9)
         self.plot.draw()
 
     def _on_returned(self, result):
@@ -285,7 +316,8 @@ class FitWidget(Container):
         else:
             results = self.viewer.add_points(data, **kwargs)
         self.draw_history(mod.history_["elbo_train"].to_numpy().ravel())
-        self.progress.value = self.progress.max  # fast mode may stop before its step limit
+        self.progress.max = max(self.progress.max, 1)  # the fast mode's busy bar ends full
+        self.progress.value = self.progress.max
         elapsed = time.perf_counter() - self._t0
         what = "loaded" if getattr(self, "_job", "fit") == "load" else "done"
         self.status.value = (
@@ -293,24 +325,26 @@ class FitWidget(Container):
             f"{len(mod.history_['elbo_train'])} epochs, stopped: {mod.history_['stop_reason']}"
         )
         self.save_button.enabled = True
+        self.save_model_button.enabled = True
         self.state.set_result(result, results)
-        self.viewer.reset_view()  # the tissue framed again, with its results
-        show_info(f"{'Model loaded' if what == 'loaded' else 'Fit finished'} in {fmt_time(elapsed)}.")
+        for other in self.viewer.layers:  # the results are what to look at now; nuclei stay one click away
+            if other.name.startswith("nuclei ("):
+                other.visible = False
+        frame_tissue_later(self.viewer)  # the tissue framed again, with its results
+        tell("info", f"{'Model loaded' if what == 'loaded' else 'Fit finished'} in {fmt_time(elapsed)}.")
 
     def _on_error(self, err):
         log_failure(logger, "fit", err)
-        self.status.value = f"failed: {err}"
-        what = "loading the model" if getattr(self, "_job", "fit") == "load" else "fit"
-        from ..io import shorten_paths
-
-        show_error(f"Cell2location {what} failed: {shorten_paths(str(err))}")
+        what = "Loading the model" if getattr(self, "_job", "fit") == "load" else "The fit"
+        tell("error", f"{what} failed.", str(err), self.status)
 
     def _on_aborted(self):
-        self.status.value = f"cancelled after {len(self.losses)} steps; nothing exported"
-        show_warning("Fit cancelled.")
+        tell("warning", "Fit cancelled.", f"After {len(self.losses)} steps; nothing exported.", self.status)
 
     def _on_finished(self):
         self.worker = None
+        if self.progress.max == 0:  # a busy bar stopped by an error or Cancel: an empty bar
+            self.progress.max, self.progress.value = 1, 0
         self.cancel_button.enabled = False
         self._update_run_state(keep_status=True)
 
@@ -321,17 +355,44 @@ class FitWidget(Container):
 
         ctx = context_of(self._fit_layer) if getattr(self, "_fit_layer", None) is not None else None
         if ctx is None or self.state.model is None:
-            show_error("Nothing to save yet: run a fit first.")
+            tell("error", "Nothing to save yet.", "Run a fit (or load a model) first.", self.status)
             return None
         path = Path(path if path is not None else self.save_path.value)
         if path.suffix.lower() not in (".zarr", ".h5ad"):
-            show_error(f"Save to a path ending in .zarr or .h5ad, not {path.name!r}.")
+            tell(
+                "error",
+                "Choose where to save first.",
+                f"A path ending in .zarr or .h5ad, not {path.name or 'an empty one'!r}.",
+                self.status,
+            )
             return None
         try:
             out = write_results(ctx.adata, path, sdata=ctx.sdata if path.suffix.lower() == ".zarr" else None)
         except (OSError, ValueError) as err:
-            show_error(f"Cannot save results to {path}: {err}")
+            tell("error", "Cannot save the results.", f"{path}: {err}", self.status)
             return None
-        self.status.value = f"saved results to {out}"
-        show_info(f"Saved {out.name}.")
+        tell("info", f"Saved {out.name}.", f"Results in {out}.", self.status)
+        return out
+
+    def save_model(self, _value=None, path=None):
+        """Save the fitted model to a new folder (``Cell2location.save``; reopen it with Load model)."""
+        from ..io import InputError
+
+        model = self.state.model
+        if model is None:
+            tell("error", "No fitted model yet.", "Run a fit first.", self.status)
+            return None
+        path = Path(path if path is not None else self.load_path.value)
+        if not str(path) or path == Path("."):
+            tell("error", "Choose a model folder first.", "A new folder to save the model in.", self.status)
+            return None
+        try:
+            out = model.save(path)
+        except FileExistsError:
+            tell("error", "A model is already saved there.", f"{path} holds one; choose a new folder.", self.status)
+            return None
+        except (OSError, InputError) as err:
+            tell("error", "Cannot save the model.", f"{path}: {err}", self.status)
+            return None
+        tell("info", f"Saved the model to {out.name}.", f"Reopen it with Load model: {out}.", self.status)
         return out

@@ -17,7 +17,7 @@ METRICS = {
     "total_counts": ("total counts", "viridis"),
     "total_cells": ("total estimated cells Σ_f w_sf", "viridis"),
     "detection_y_s": ("detection efficiency y_s", "viridis"),
-    "reconstruction_r": ("reconstruction r (observed vs expected)", "magma_r"),
+    "reconstruction_r": ("reconstruction r (observed vs expected)", "plasma_r"),  # no black on the canvas
 }
 _N_TOP_GENES = 12
 _N_HIST_SPOTS = 1000
@@ -58,25 +58,55 @@ class SpotQCWidget(Container):
         self.show_button.changed.connect(lambda _v=None: self.color_by(self.metric.value))
         self.worst_button.changed.connect(lambda _v=None: self.select_worst(self.worst_pct.value))
         self.state.fitted.connect(self._on_fitted)
+        self.state.data_changed.connect(self._on_data)
         self._hooked = None
         if self.state.result is not None:
             self._on_fitted(self.state.result)
+        else:
+            self._on_data()
 
     # ------------------------------------------------------------------ after a fit
-    def _on_fitted(self, result):
-        from ..model import worst_explained
+    def layer(self):
+        """The layer QC works on: the last fit's results, else the chosen spots when they hold saved
+        results with their QC (an opened ``.zarr`` / ``.h5ad`` written after a fit)."""
+        if self.state.results_layer is not None:
+            return self.state.results_layer
+        spots = self.state.spots_layer
+        table = None if spots is None else feature_table(spots)
+        return spots if table is not None and "reconstruction_r" in table else None
 
-        self.draw_overview()
-        layer = self.state.results_layer
+    def _hook(self, layer):
         if layer is not None and self._hooked is not layer:
             layer.mouse_drag_callbacks.append(self._on_click)
             self._hooked = layer
-        r = result.qc["reconstruction_r"].to_numpy()
+
+    def _summarise(self, r: np.ndarray) -> str:
+        from ..model import worst_explained
+
         worst, p5 = worst_explained(r, 5.0)
-        self.info.value = (
+        return (
             f"median reconstruction r {np.nanmedian(r):.2f}; {len(worst)} spots at or below its 5th "
             f"percentile ({p5:.2f})"
         )
+
+    def _on_fitted(self, result):
+        self.draw_overview()
+        self._hook(self.state.results_layer)
+        self.info.value = self._summarise(result.qc["reconstruction_r"].to_numpy())
+
+    def _on_data(self):
+        """Spots chosen without a fit in this session: saved results bring their QC (colour, select);
+        the plots need the model."""
+        if self.state.result is not None:
+            return
+        layer = self.layer()
+        if layer is None:
+            self.info.value = "Run a fit to see QC."
+            return
+        self._hook(layer)
+        self.overview.show_placeholder("these plots need the model: load it in the Fit tab (Load model)")
+        r = feature_table(layer)["reconstruction_r"].to_numpy(dtype=float)
+        self.info.value = f"QC saved with these results: {self._summarise(r)}. Load the model (Fit tab) for plots."
 
     def draw_overview(self):
         """The model's QC figure: reconstruction 2D histogram (observed vs expected, log) and the ELBO."""
@@ -95,9 +125,10 @@ class SpotQCWidget(Container):
     # ------------------------------------------------------------------ spot colouring / selection
     def color_by(self, metric: str):
         """Colour the results layer by a QC metric (robust limits)."""
-        layer = self.state.results_layer
+        layer = self.layer()
         table = None if layer is None else feature_table(layer)
         if table is None or metric not in table:
+            self.info.value = "No QC yet: run a fit, or open results saved after one."
             return False
         if self.metric.value != metric:
             with self.metric.changed.blocked():
@@ -113,9 +144,10 @@ class SpotQCWidget(Container):
         """Select the spots with the lowest reconstruction r (worst explained) in the results layer."""
         from ..model import worst_explained
 
-        layer = self.state.results_layer
+        layer = self.layer()
         table = None if layer is None else feature_table(layer)
         if table is None or "reconstruction_r" not in table:
+            self.info.value = "No QC yet: run a fit, or open results saved after one."
             return np.zeros(0, int)
         worst, cut = worst_explained(table["reconstruction_r"].to_numpy(dtype=float), percent)
         layer.selected_data = set(worst.tolist())
@@ -133,8 +165,11 @@ class SpotQCWidget(Container):
         """Bar charts of spot ``index``: cell-type composition (mean w_sf) and top genes observed vs expected."""
         from ..model import spot_detail
 
-        mod, layer = self.state.model, self.state.results_layer
-        if mod is None or layer is None:
+        mod, layer = self.state.model, self.layer()
+        if layer is None:
+            return
+        if mod is None:
+            self.spot_label.value = "Load the model in the Fit tab to see a spot's cell types and genes."
             return
         spot = spot_detail(mod, index, _N_TOP_GENES)
         self.spot_plot.clear()

@@ -23,9 +23,9 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._mpl import MplCanvas
+from ._notify import tell
 from ._state import SharedState, state_of
 from ._worker import beside_viewer, cancel_worker, log_failure, show_training_item, start_worker
 
@@ -140,16 +140,21 @@ class ReferenceWidget(Container):
     # ------------------------------------------------------------------ opening
     def open_reference(self, _value=None, path=None):
         """Read a reference ``.h5ad`` (on error a notification, and the current reference stays)."""
-        from ..io import InputError, read_h5ad, shorten_paths
+        from ..io import InputError, read_h5ad
 
         path = Path(path if path is not None else self.path.value)
         if path.suffix.lower() != ".h5ad" or not path.is_file():
-            show_error(f"Choose a labelled single-cell .h5ad file, not {str(path)!r}.")
+            tell(
+                "error",
+                "Choose a single-cell .h5ad first.",
+                f"{path.name or 'no file'} is not a labelled single-cell .h5ad file.",
+                self.status,
+            )
             return False
         try:
             adata = read_h5ad(path, "labelled single-cell reference .h5ad")
         except InputError as err:
-            show_error(shorten_paths(str(err)))
+            tell("error", "Cannot open this reference.", str(err), self.status)
             return False
         self.set_reference(adata, source=path.name)
         return True
@@ -175,7 +180,12 @@ class ReferenceWidget(Container):
         self.batch_key.value = batch
         self.info.value = f"{source}\n{adata.n_obs} cells x {adata.n_vars} genes"
         if not cols:
-            show_warning(f"{source} has no categorical obs column to use as cell-type labels.")
+            tell(
+                "warning",
+                "No column of cell-type labels.",
+                f"{source} has no categorical obs column to use as labels.",
+                self.status,
+            )
         self._on_layer(self.layer.value)
         self._on_labels(self.labels_key.value)
         self._update_buttons()
@@ -188,7 +198,7 @@ class ReferenceWidget(Container):
             try:
                 self._stats = gene_filter_stats(self.adata, self.settings().layer)
             except ValueError as err:
-                show_error(str(err))
+                tell("error", "Cannot filter this reference's genes.", str(err), self.status)
         self.draw_filter()
 
     def _on_labels(self, value):
@@ -291,13 +301,13 @@ class ReferenceWidget(Container):
         if self.running:
             return None
         if self.adata is None or self.labels_key.value is None:
-            show_error("Open a reference .h5ad and choose its labels column first.")
+            tell("error", "Open a reference .h5ad first.", "Then choose its column of cell-type labels.", self.status)
             return None
         settings = self.settings()
         try:  # fast checks on the main thread: a clear message before any work starts
             check_reference(self.adata, settings.labels_key, settings.batch_key, settings.layer)
         except InputError as err:
-            show_error(f"Cannot use this reference: {err}")
+            tell("error", "Cannot use this reference.", str(err), self.status)
             return None
         self.losses = []
         self._t0 = time.perf_counter()
@@ -335,12 +345,15 @@ class ReferenceWidget(Container):
 
     def _on_error(self, err):
         log_failure(logger, "reference signatures", err)
-        self.status.value = f"failed: {err}"
-        show_error(f"Reference signatures failed: {err}")
+        tell("error", "Reference signatures failed.", str(err), self.status)
 
     def _on_aborted(self):
-        self.status.value = f"cancelled after {len(self.losses)} steps; no signatures"
-        show_warning("Reference training cancelled; no signatures were made.")
+        tell(
+            "warning",
+            "Reference training cancelled.",
+            f"After {len(self.losses)} steps; no signatures were made.",
+            self.status,
+        )
 
     def _on_finished(self):
         self.worker = None
@@ -351,7 +364,7 @@ class ReferenceWidget(Container):
         """Use the signatures for the fit: into the shared state (the Data tab shows them), Data tab in front."""
         if self.signatures is None:
             if not quiet:
-                show_error("No signatures yet: estimate them first.")
+                tell("error", "No signatures yet.", "Estimate them first (Run).", self.status)
             return False
         method = "regression" if self.model is not None else "cluster averages"
         self.state.set_signatures(self.signatures, source=f"{getattr(self, 'source', 'reference')} ({method})")
@@ -361,11 +374,16 @@ class ReferenceWidget(Container):
     def save(self, _value=None, path=None):
         """Write the signatures (genes x cell types) to a CSV file; returns the path or None."""
         if self.signatures is None:
-            show_error("No signatures yet: estimate them first.")
+            tell("error", "No signatures yet.", "Estimate them first (Run).", self.status)
             return None
         path = Path(path if path is not None else self.save_path.value)
         if path.suffix.lower() not in (".csv", ".tsv"):
-            show_error(f"Save signatures to a .csv (or .tsv) file, not {path.name!r}.")
+            tell(
+                "error",
+                "Save signatures to a .csv or .tsv file.",
+                f"Not {path.name or 'an empty path'!r}.",
+                self.status,
+            )
             return None
         from ..io import atomic_output
 
@@ -373,7 +391,9 @@ class ReferenceWidget(Container):
             with atomic_output(path) as tmp:
                 self.signatures.to_csv(tmp, sep="\t" if path.suffix.lower() == ".tsv" else ",")
         except OSError as err:
-            show_error(f"Cannot save signatures to {path}: {err}")
+            tell("error", "Cannot save the signatures.", f"{path}: {err}", self.status)
             return None
-        show_info(f"Saved signatures to {path}")
+        tell(
+            "info", f"Saved {path.name}.", f"Signatures ({self.signatures.shape[1]} cell types) in {path}.", self.status
+        )
         return path

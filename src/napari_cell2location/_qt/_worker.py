@@ -84,7 +84,8 @@ def show_training_item(owner, item, unit: str):
 
     A job yields :class:`~napari_cell2location.model.Stage` messages and
     :class:`~napari_cell2location.model.TrainStep` records. Returns the step (None for a stage);
-    ``owner._t0`` is the run's start time.
+    ``owner._t0`` is the run's start time; when ``owner._open_ended`` (the fast mode, which stops when the
+    answer settles) the bar is a busy bar and the status counts epochs instead of an ETA to the step limit.
     """
     from .._infer import Stage
 
@@ -100,6 +101,14 @@ def show_training_item(owner, item, unit: str):
     if step.step < step.total and now - getattr(owner, "_last_shown", 0.0) < SHOW_INTERVAL_S:
         return step
     owner._last_shown = now
+    if getattr(owner, "_open_ended", False):  # the fast mode: it stops when the answer settles, not at total
+        if owner.progress.max != 0:
+            owner.progress.min, owner.progress.max = 0, 0  # a busy bar: no end to count down to
+        owner.status.value = (
+            f"epoch {step.step}, {fmt_time(now - owner._t0)}: training until the abundances settle "
+            f"(at most {step.total} epochs)  loss {step.loss:,.0f}"
+        )
+        return step
     if owner.progress.max != step.total:
         owner.progress.max = step.total
     owner.progress.value = step.step

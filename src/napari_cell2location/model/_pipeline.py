@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._contract import EXPORTED_SUMMARIES
+from .._contract import EXPORTED_SUMMARIES, QC_KEY
 from .._infer import AnswerStopper, Stage, consume
 from .._variants import ModelVariant
 from ._cell2location import Cell2location
@@ -130,7 +130,10 @@ def _export(mod: Cell2location, adata, settings: FitSettings) -> FitResult:
     mod.export_posterior(
         adata, add_to_obsm=list(settings.summaries), use_quantiles=settings.use_quantiles, sample_kwargs=sample_kwargs
     )
-    return FitResult(mod, model_qc(mod))
+    qc = model_qc(mod)
+    by_spot = qc.set_axis(mod.obs_names, axis=0).reindex(adata.obs_names.astype(str))
+    adata.obsm[QC_KEY] = by_spot.set_axis(adata.obs_names, axis=0)  # saved with the results
+    return FitResult(mod, qc)
 
 
 def iter_fit(adata, signatures: pd.DataFrame, settings: FitSettings | None = None, **changes):

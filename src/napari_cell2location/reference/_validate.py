@@ -201,8 +201,8 @@ def _empty_genes_and_cells(X: sparse.csr_matrix, var_names: pd.Index, what: str)
     n_empty_genes = int((gene_totals == 0).sum())
     n_empty_cells = int((cell_totals == 0).sum())
     if n_empty_genes:
-        logger.warning(
-            "%d of %d genes have zero counts in every cell (e.g. %s); remove them with filter_genes() first.",
+        logger.info(  # not a problem: the gene filter (filter_genes) drops them, and the regression ignores them
+            "%d of %d genes have zero counts in every cell (e.g. %s); the gene filter drops them.",
             n_empty_genes,
             len(var_names),
             preview(var_names[gene_totals == 0], 3),
