@@ -4,6 +4,7 @@ world coordinates, and nuclei detected on its finest level under some spots only
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -137,6 +138,7 @@ def test_frame_mismatch_and_placement_rules():
         ("stack", "is a ZYXS stack"),
         ("channels", "has 5 channels"),
         ("folder", "is a folder, not a full-resolution image"),
+        ("jpeg", "has JPEG tiles, which need the optional package imagecodecs to be read: pip install imagecodecs"),
     ],
 )
 def test_broken_or_foreign_tiffs_are_one_clear_line(scan, tmp_path, how, says):
@@ -160,6 +162,12 @@ def test_broken_or_foreign_tiffs_are_one_clear_line(scan, tmp_path, how, says):
         tifffile.imwrite(bad, np.zeros((2, 64, 64, 3), np.uint8), photometric="rgb", metadata={"axes": "ZYXS"})
     elif how == "channels":
         tifffile.imwrite(bad, np.zeros((64, 64, 5), np.uint8), planarconfig="contig", metadata={"axes": "YXS"})
+    elif how == "jpeg":  # tiles marked JPEG (as an SVS), which tifffile decodes only with imagecodecs
+        if importlib.util.find_spec("imagecodecs") is not None:
+            pytest.skip("imagecodecs is installed: it would decode JPEG tiles")
+        tifffile.imwrite(bad, np.full((4096, 4096, 3), 200, np.uint8), tile=(512, 512), compression="zlib")
+        with tifffile.TiffFile(bad, mode="r+") as tif:
+            tif.pages.first.tags["Compression"].overwrite(tifffile.COMPRESSION.JPEG)
     else:
         bad.mkdir()
     with pytest.raises(InputError) as err:

@@ -250,6 +250,20 @@ def _virtual_levels(level0) -> list:
     return levels
 
 
+def _decode_one_tile(level, path: Path) -> None:
+    """Read one pixel (one tile) of ``level``: a compression tifffile cannot decode says which package it needs."""
+    try:
+        np.asarray(level[:1, :1])
+    except Exception as err:
+        if "imagecodecs" in str(err):
+            kind = re.search(r"COMPRESSION\.(\w+)", str(err))
+            raise InputError(
+                f"{str(path)!r} has {kind.group(1) if kind else 'compressed'} tiles, which need the optional package "
+                "imagecodecs to be read: pip install imagecodecs."
+            ) from err
+        raise
+
+
 def open_fullres_image(path: str | os.PathLike) -> Pyramid:
     """Open a full-resolution histology TIFF lazily, as a :class:`Pyramid` of dask arrays.
 
@@ -293,7 +307,7 @@ def open_fullres_image(path: str | os.PathLike) -> Pyramid:
             keys = sorted(group.array_keys(), key=int)
             levels = [_order_axes(da.from_zarr(group[k]), series.axes, path) for k in keys]
             levels = [lv for i, lv in enumerate(levels) if i == 0 or lv.shape[0] < levels[i - 1].shape[0]]
-            np.asarray(levels[-1][:1, :1])  # decode one tile now: unsupported compression fails here, not in napari
+            _decode_one_tile(levels[-1], path)  # an unsupported compression fails here, not in napari
         pyramid = Pyramid(levels, source=path, um_per_px=_um_per_px_of(tif), handle=tif)
     except BaseException:
         tif.close()
