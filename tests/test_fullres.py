@@ -334,3 +334,16 @@ def test_counts_table_is_written_as_spaceranger_reads_it(scan):
     assert list(adata.obs_names) == list(pos["barcode"]) and adata.n_obs == 100
     assert np.allclose(adata.obsm["spatial"], scan.spatial)
     assert np.array_equal(adata.X.toarray(), scan.data.adata.X.toarray())
+
+
+def test_a_tiff_without_pyramid_gets_lazy_coarser_levels(tmp_path, caplog):
+    """A single-level scan (tiled, 5,120²) opens with subsampled views as coarser levels, and a warning."""
+    path = tmp_path / "flat.tif"
+    rng = np.random.default_rng(0)
+    tiles = (rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(100))
+    tifffile.imwrite(path, tiles, shape=(5120, 5120, 3), dtype=np.uint8, tile=(512, 512), photometric="rgb",
+                     compression="zlib")  # fmt: skip
+    pyramid = open_fullres_image(path)
+    assert pyramid.virtual and [lv.shape[0] for lv in pyramid] == [5120, 2560, 1280, 640]
+    assert np.array_equal(np.asarray(pyramid[2][:3, :3]), np.asarray(pyramid[0][:12:4, :12:4]))
+    assert "flat.tif has no pyramid" in caplog.text
