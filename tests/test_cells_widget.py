@@ -183,6 +183,41 @@ def test_detect_needs_an_image(make_napari_viewer, section):
     assert w.count() is None
 
 
+def test_a_whole_slide_png_that_cannot_resolve_nuclei_is_refused(make_napari_viewer, section):
+    """A lowres-like image (12 µm/px: a 7 µm nucleus under a pixel) is not detected on: the note says why and
+    where the full-resolution scan is, Detect is off, and pressing it anyway gives one short notification."""
+    data, layers = section
+    (img, _, _), _ = layers
+    coarse = img[::6, ::6]  # the hires image is 2 µm/px: 12 µm/px, as Visium's lowres PNG of a whole slide
+    viewer = _viewer(make_napari_viewer, layers, image_kwargs={"name": "lowres", "rgb": True, "scale": (24.0, 24.0)})
+    viewer.layers["lowres"].data = coarse
+    w = CellsPerSpotWidget(viewer)
+    w.image.value = viewer.layers["lowres"]
+    assert abs(w.pixel_size_um() - 12.0) < 0.5, w.pixel_size_um()
+    assert "cannot be told apart" in w.pixel_note.value and "full-resolution" in w.pixel_note.value
+    assert not w.detect_button.enabled
+    n = len(notification_manager.records)
+    assert w.detect() is None and w.worker is None
+    messages = [str(r.message) for r in notification_manager.records[n:]]
+    assert len(messages) == 1 and messages[0].startswith("Nuclei are not resolved on this image.")
+    w.nucleus_diameter.value = 30.0  # large nuclei (or a finer image) are detected again
+    assert w.detect_button.enabled
+
+
+def test_no_nuclei_in_the_spots_cannot_be_used(make_napari_viewer, section):
+    """Nuclei that miss every spot give a count of 0: the tab says so and offers nothing to send to the fit."""
+    _, layers = section
+    viewer = _viewer(make_napari_viewer, layers)
+    w = CellsPerSpotWidget(viewer)
+    far = to_world(viewer.layers["spots"], viewer.layers["spots"].data).max(axis=0) + 5000.0
+    w.nuclei.value = viewer.add_points(far[None] + np.arange(20)[:, None], name="nuclei (elsewhere)")
+    n = len(notification_manager.records)
+    assert w.count() is not None
+    assert "No nuclei in the counted spots" in w.summary.value
+    assert not w.use_mean_button.enabled and not w.use_per_spot_button.enabled
+    assert any(str(r.message).startswith("No nuclei in the counted spots.") for r in notification_manager.records[n:])
+
+
 @pytest.fixture(scope="module")
 def fullres_run(tmp_path_factory):
     """A 4,096² pyramidal scan (4 levels) of a 30-spot section next to its Space Ranger outs/ folder."""

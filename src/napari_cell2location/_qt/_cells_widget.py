@@ -24,9 +24,9 @@ import napari.viewer
 import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton
-from napari.utils.notifications import show_error, show_warning
 
 from ._mpl import MplCanvas
+from ._notify import tell
 from ._state import SharedState, context_of, state_of
 from ._worker import cancel_worker, log_failure, start_worker
 
@@ -42,6 +42,10 @@ AREA_SPOTS = "under the counted spots"
 AREA_ALL = "the whole image"
 #: an image with more pixels than this (or multiscale) is detected under the spots by default
 LARGE_IMAGE_PX = 50_000_000
+#: a nucleus must span at least this many image pixels to be detected (below, neighbours merge into one
+#: blur: on Visium's lowres / hires PNGs of a whole slide, 10-18 µm/px, nuclei are a fraction of a pixel)
+MIN_NUCLEUS_PX = 2.0
+_READY = "pick the histology image and the spots"
 _UNCOUNTED_RGBA = (0.75, 0.75, 0.75, 0.35)
 
 
@@ -147,6 +151,7 @@ class CellsPerSpotWidget(Container):
         self.pixel_size.tooltip = "0 = from the spot size (Visium spots are 55 µm across)"
         self.pixel_note = Label(label="", value="")
         self.nucleus_diameter = FloatSpinBox(label="nucleus Ø (µm)", value=7.0, min=1.0, max=50.0, step=0.5)
+        self.nucleus_diameter.changed.connect(self._update_pixel_note)
         self.area = ComboBox(label="detect in", choices=[AREA_SPOTS, AREA_ALL], value=AREA_ALL)
         self.area.tooltip = (
             "under the counted spots: only the image tiles that meet a spot (plus a margin) are read; "
@@ -155,7 +160,7 @@ class CellsPerSpotWidget(Container):
         self.detect_button = PushButton(text="Detect nuclei")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
-        self.status = Label(label="", value="pick the histology image and the spots")
+        self.status = Label(label="", value=_READY)
         self.nuclei = ComboBox(label="nuclei layer", choices=self._nuclei_choices, nullable=True)
         self.new_layer_button = PushButton(text="New empty layer to click nuclei")
         self.scope = ComboBox(label="count in", choices=[SCOPE_ALL, SCOPE_SELECTED], value=SCOPE_ALL)
@@ -259,12 +264,29 @@ class CellsPerSpotWidget(Container):
             return "typed"
         return "from the 55 µm spot size" if self.um_per_world() is not None else "from the image file"
 
+    def unresolved(self) -> str | None:
+        """Why nuclei cannot be detected on the chosen image at its pixel size (None when they can)."""
+        px = self.pixel_size_um()
+        if px is None:
+            return None
+        across = float(self.nucleus_diameter.value) / px
+        if across >= MIN_NUCLEUS_PX:
+            return None
+        return (
+            f"At {px:.3g} µm/px a {self.nucleus_diameter.value:g} µm nucleus is {across:.2g} px across: nuclei "
+            "cannot be told apart on this image. Open the full-resolution scan (the TIFF given to Space Ranger "
+            "with --image: open it with the folder, or drop it onto the section), or type N cells / spot in "
+            "the Fit tab."
+        )
+
     def _update_pixel_note(self, _value=None):
         px = self.pixel_size_um()
         image = self.image.value
         if px is None or image is None:
             self.pixel_note.value = "pixel size: pick an image and spots (or type it)"
             return
+        if self.status.value == _READY and self.spots.value is not None:
+            self.status.value = "ready: Detect nuclei, or add an empty layer and click nuclei by hand"
         note = f"{px:.3g} µm/px ({self._pixel_source()})"
         if image.multiscale:
             h, w = _image_array(image).shape[:2]
@@ -272,7 +294,9 @@ class CellsPerSpotWidget(Container):
         filed = _file_pixel_size(image)
         if filed is not None and self._pixel_source() != "from the image file" and abs(filed / px - 1) > 0.1:
             note += f" (the file says {filed:.3g} µm/px)"
-        self.pixel_note.value = note
+        why = self.unresolved()
+        self.detect_button.enabled = why is None and not self.running
+        self.pixel_note.value = note if why is None else f"{note}. {why}"
 
     # ------------------------------------------------------------------ detection
     @property
@@ -288,15 +312,21 @@ class CellsPerSpotWidget(Container):
             return None
         image = self.image.value
         if image is None:
-            show_error("Choose the histology Image layer first.")
+            tell("error", "Choose the histology image first.", "", self.status)
             return None
         px = self.pixel_size_um()
         if px is None:
-            show_error("Cannot tell the pixel size: choose the spots layer, or type the µm per image pixel.")
+            tell(
+                "error", "The pixel size is unknown.", "Choose the spots layer, or type the µm per pixel.", self.status
+            )
+            return None
+        why = self.unresolved()
+        if why is not None:
+            tell("error", "Nuclei are not resolved on this image.", why, self.status)
             return None
         data = _image_array(image)
         if image.ndim != 2:
-            show_error(f"Image {image.name!r} is not a 2-D image (it has {image.ndim} dimensions).")
+            tell("error", "Not a 2-D image.", f"{image.name!r} has {image.ndim} dimensions.", self.status)
             return None
         spots = self._detection_spots()
         if spots is False:
@@ -338,7 +368,7 @@ class CellsPerSpotWidget(Container):
             return None
         spots = self.spots.value
         if spots is None or len(spots.data) == 0:
-            show_error("Choose the spots layer to detect under the spots, or detect in the whole image.")
+            tell("error", "Choose the spots layer first.", "Or detect in the whole image.", self.status)
             return False
         mask = self._counted_mask(spots)
         if mask is None:
@@ -354,9 +384,11 @@ class CellsPerSpotWidget(Container):
             mask = np.zeros(n, dtype=bool)
             mask[sorted(i for i in spots.selected_data if i < n)] = True
             if not mask.any():
-                show_error(
-                    "Select the spots to count in the spots layer first "
-                    "(select mode, shift-click or drag; the original protocol counts 10-20 spots)."
+                tell(
+                    "error",
+                    "Select the spots to count first.",
+                    "In the spots layer: select mode, shift-click or drag; the original protocol counts 10-20 spots.",
+                    self.status,
                 )
                 return None
             return mask
@@ -406,16 +438,14 @@ class CellsPerSpotWidget(Container):
 
     def _on_error(self, err):
         log_failure(logger, "nuclei detection", err)
-        self.status.value = f"failed: {err}"
-        show_error(f"Nuclei detection failed: {err}")
+        tell("error", "Nuclei detection failed.", str(err), self.status)
 
     def _on_aborted(self):
-        self.status.value = "detection cancelled; no nuclei layer added"
-        show_warning("Nuclei detection cancelled.")
+        tell("warning", "Nuclei detection cancelled.", "No nuclei layer was added.", self.status)
 
     def _on_finished(self):
         self.worker = None
-        self.detect_button.enabled = True
+        self.detect_button.enabled = self.unresolved() is None
         self.cancel_button.enabled = False
 
     # ------------------------------------------------------------------ manual nuclei
@@ -446,10 +476,10 @@ class CellsPerSpotWidget(Container):
 
         spots, points = self.spots.value, self.nuclei.value
         if spots is None:
-            show_error("Choose the spots layer first.")
+            tell("error", "Choose the spots layer first.", "", self.status)
             return None
         if points is None:
-            show_error("No nuclei layer: detect nuclei, or add an empty layer and click them.")
+            tell("error", "No nuclei layer yet.", "Detect nuclei, or add an empty layer and click them.", self.status)
             return None
         mask = self._counted_mask(spots)
         if mask is None:
@@ -459,7 +489,7 @@ class CellsPerSpotWidget(Container):
         try:
             est = estimate_n_cells_per_location(counts, mask)
         except ValueError as err:
-            show_error(f"Cannot estimate N_cells_per_location: {err}")
+            tell("error", "Cannot estimate N cells per spot.", str(err), self.status)
             return None
         self.counts = np.where(mask, counts.astype(float), np.nan)
         self.counted = mask
@@ -473,8 +503,17 @@ class CellsPerSpotWidget(Container):
             f"suggested N_cells_per_location = {est.value:.1f} ± {est.spread:.1f}\n"
             f"(median {est.median:.0f}, 5-95% {est.q05:.0f}-{est.q95:.0f})"
         )
-        self.use_mean_button.enabled = True
-        self.use_per_spot_button.enabled = not manual
+        empty = not np.nansum(self.counts) > 0
+        if empty:  # nothing to send: a prior of 0 cells is refused by the model
+            self.summary.value += "\nNo nuclei in the counted spots: nothing to use for the fit."
+            tell(
+                "warning",
+                "No nuclei in the counted spots.",
+                "Check that the nuclei layer lies on the spots (and the image resolves nuclei), or count by hand.",
+                self.status,
+            )
+        self.use_mean_button.enabled = not empty
+        self.use_per_spot_button.enabled = not manual and not empty
         self.use_per_spot_button.tooltip = (
             "count all spots for a per-spot prior" if manual else "each spot's own count (floored at 1)"
         )
@@ -515,7 +554,7 @@ class CellsPerSpotWidget(Container):
         try:
             self.state.set_n_cells(value)
         except ValueError as err:
-            show_error(f"N_cells_per_location refused: {err}")
+            tell("error", "This N cells per spot is refused.", str(err), self.status)
             return None
         self.state.tab_requested.emit("Fit")
         return value
@@ -523,16 +562,16 @@ class CellsPerSpotWidget(Container):
     def use_mean(self, _value=None):
         """Send the suggested tissue-level N_cells_per_location (a float) to the Fit widget."""
         if self.estimate is None:
-            show_error("Count nuclei per spot first.")
+            tell("error", "Count nuclei per spot first.", "", self.status)
             return None
         return self._send(float(self.estimate.value))
 
     def use_per_spot(self, _value=None):
         """Send the per-spot prior (n_spots,) from the counts to the Fit widget (all spots must be counted)."""
         if self.estimate is None or self.counted is None:
-            show_error("Count nuclei per spot first.")
+            tell("error", "Count nuclei per spot first.", "", self.status)
             return None
         if self.scope.value == SCOPE_SELECTED or not np.isfinite(self.counts[self.counted]).all():
-            show_error("A per-spot prior needs counts in every spot: count in all in-tissue spots.")
+            tell("error", "Count every spot for a per-spot prior.", "Count in all in-tissue spots.", self.status)
             return None
         return self._send(np.asarray(self.estimate.per_spot, dtype=float))
