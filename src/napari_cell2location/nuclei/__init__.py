@@ -1,6 +1,8 @@
 """Nuclei on histology: detection, counting per spot, and the ``N_cells_per_location`` prior.
 
 Headless: scipy, scikit-image and pandas only (dask, zarr or StarDist / Cellpose when the caller uses them).
+Touching and overlapping nuclei are split by default (``detect_nuclei(..., split_touching=True)``, see
+``nuclei._split``), so counts in crowded tissue are not short.
 
 >>> from napari_cell2location import nuclei                                      # doctest: +SKIP
 >>> found = nuclei.detect_nuclei(image, pixel_size_um=2.0)                       # doctest: +SKIP

@@ -12,9 +12,9 @@ The default detector needs only scipy and scikit-image:
    exceeds a threshold; ``threshold='auto'`` picks it from all candidate maxima of the image (see
    :func:`auto_threshold`);
 4. nuclei that touch or overlap a neighbour give one maximum for the pair; with ``split_touching`` (the
-   default) each lobe of the stained area that lies more than one radius from every maximum becomes a
-   centre of its own (distance map of the stained area, :mod:`._split`). Without it the counts fall
-   short in crowded tissue (15 % at 15 cells per spot with overlapping nuclei).
+   default) the lobes of each blob's stained area (maxima of its distance map, :mod:`._split`) become its
+   nuclei, so a pair counts two. Without it the counts fall short in crowded tissue (16 % at 15 cells per
+   spot with overlapping nuclei); isolated nuclei are found at the same place either way.
 
 Large images are read in square tiles with a halo wide enough that every filter and the maximum search
 see the same neighbourhood as on the whole image, and each tile keeps the maxima inside its own core, so
@@ -354,10 +354,10 @@ def iter_detect_nuclei(
         (n, 4) boxes ``(r0, r1, c0, c1)`` in image pixels (e.g. the spots and a margin): only the tiles
         that meet a box are read, and nuclei are found there only. Default: the whole image.
     split_touching : bool
-        Separate touching and overlapping nuclei (default): a lobe of the stained area more than one
-        nucleus radius from every maximum is a nucleus of its own (see :mod:`._split`). Used with
-        ``method='peaks'`` when nuclei are at least one pixel in radius; the halo grows to about ten radii.
-        False gives the maxima only (the behaviour before splitting).
+        Separate touching and overlapping nuclei (default): each lobe of a blob's stained area is a nucleus
+        (see :mod:`._split`). Used with ``method='peaks'`` when nuclei are at least one pixel in radius
+        (below, they cannot be resolved one by one); costs about 2.5x the time of the peaks alone at
+        1 µm/px, 6x at 2 µm/px. False gives the maxima only (the behaviour before splitting).
 
     Yields
     ------
