@@ -368,3 +368,16 @@ def test_h5ad_output_from_spatialdata(tmp_path):
     got, none = read_spatial(out)
     assert none is None
     _assert_results_equal(got, adata)
+
+
+def test_single_cell_table_given_as_signatures_says_to_make_signatures(tmp_path):
+    """A labelled single-cell .h5ad where signatures are expected: the message says what it is and where
+    signatures come from."""
+    from napari_cell2location.io import InputError
+
+    rng = np.random.default_rng(0)
+    cells = anndata.AnnData(rng.poisson(1, size=(30, 8)).astype(np.float32))
+    cells.obs["cell_type"] = pd.Categorical(rng.choice(["B", "T"], 30))
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(InputError, match=r"single-cell table \(30 cells x 8 genes.*obs\['cell_type'\].*Reference tab"):
+        read_signatures(tmp_path / "cells.h5ad")

@@ -114,8 +114,23 @@ def test_h5ad_without_image_opens_spots_only(shared_path):
     assert 70 < kwargs["size"] < 80
 
 
-def test_reference_h5ad_is_not_claimed(shared_path):
-    assert napari_get_reader(shared_path(REFERENCE_H5AD)) is None
+def test_reference_h5ad_opened_as_a_section_says_where_it_goes(shared_path):
+    """A single-cell reference opened with File > Open is claimed (napari would otherwise blame the plugin
+    in a generic error) and answered with one notification that points to the Reference tab."""
+    pytest.importorskip("napari")
+    from napari.utils.notifications import notification_manager
+
+    from napari_cell2location._reader import NO_LAYERS
+
+    reader = napari_get_reader(shared_path(REFERENCE_H5AD))
+    assert reader is not None
+    n = len(notification_manager.records)
+    assert reader(shared_path(REFERENCE_H5AD)) == NO_LAYERS
+    messages = [str(r.message) for r in notification_manager.records[n:]]
+    assert len(messages) == 1, messages
+    headline, detail = messages[0].split("\n", 1)
+    assert headline == "Not a section: a single-cell table?"
+    assert "single-cell reference" in detail and "Reference tab" in detail and "observations" in detail
     assert napari_get_reader(shared_path("mouse_brain_hippocampus")) is None
 
 
@@ -275,3 +290,24 @@ def test_viewer_open_with_plugin(make_napari_viewer, tmp_path, shared_data):
     if os.path.isdir(embryo):
         viewer.open(embryo, plugin="napari-cell2location")
         assert len(viewer.layers) == 4
+
+
+def test_datasets_opened_into_a_viewer_sit_beside_what_it_shows(make_napari_viewer, tmp_path):
+    """napari opens the files of one Open one reader call at a time: each next dataset is placed right of
+    what the viewer already shows (the same gap rule), never on top of it."""
+    pytest.importorskip("pytestqt")
+    from napari_cell2location.io._sections import SECTION_GAP
+
+    rng = np.random.default_rng(2)
+    _library("A", 600, rng).write_h5ad(tmp_path / "A.h5ad")
+    _library("B", 600, rng).write_h5ad(tmp_path / "B.h5ad")  # same frame: it would cover A exactly
+    viewer = make_napari_viewer()
+    viewer.open([str(tmp_path / "A.h5ad"), str(tmp_path / "B.h5ad")], plugin="napari-cell2location")
+    a_img, b_img = viewer.layers["A H&E"], viewer.layers["B H&E"]
+    a_ext, b_ext = np.asarray(a_img.extent.world), np.asarray(b_img.extent.world)
+    assert b_ext[0][1] >= a_ext[1][1] + 0.9 * SECTION_GAP * 600  # B starts right of A, a gap between
+    assert viewer.layers["B"].data[:, 1].min() > a_ext[1][1]  # and its spots went with it
+    # a third, opened later, goes right of both
+    _library("C", 600, rng).write_h5ad(tmp_path / "C.h5ad")
+    viewer.open(str(tmp_path / "C.h5ad"), plugin="napari-cell2location")
+    assert np.asarray(viewer.layers["C H&E"].extent.world)[0][1] >= b_ext[1][1]

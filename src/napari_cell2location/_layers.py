@@ -286,17 +286,20 @@ def spatial_layer_data(
     return layers
 
 
-def place_side_by_side(datasets: list[list[tuple]]) -> list[tuple]:
+def place_side_by_side(datasets: list[list[tuple]], shown=None) -> list[tuple]:
     """Layer data of several datasets opened together, moved in x so that no two overlap.
 
     The sections' rule (:func:`~napari_cell2location.io._sections.side_by_side_shifts`) applied to whole
     datasets: nothing moves unless two datasets overlap; then the first stays and the others follow
-    to its right, the same gap apart as the sections of one dataset.
+    to its right, the same gap apart as the sections of one dataset. ``shown`` is what the viewer already
+    shows: it stays, and it comes first (napari opens the files of one *Open* one by one).
 
     Parameters
     ----------
     datasets : list of list of tuple
         The layer data tuples of each dataset (:func:`spatial_layer_data`), in order.
+    shown : array-like, optional
+        ``(row_min, col_min, row_max, col_max)`` of the layers already in the viewer.
 
     Returns
     -------
@@ -310,8 +313,9 @@ def place_side_by_side(datasets: list[list[tuple]]) -> list[tuple]:
         )
         for layers in datasets
     ]
+    shifts = side_by_side_shifts([None if shown is None else np.asarray(shown, dtype=float), *boxes])[1:]
     out: list[tuple] = []
-    for layers, shift in zip(datasets, side_by_side_shifts(boxes), strict=True):
+    for layers, shift in zip(datasets, shifts, strict=True):
         for data, kwargs, kind in layers:
             if shift and kind == "points":
                 data = np.asarray(data, dtype=float) + [0.0, shift]

@@ -80,9 +80,28 @@ def napari_get_reader(path):
     callable or None
     """
     paths = _paths(path)
-    if not paths or not all(_is_scan(p) or spatial_format(p, require_spots=True) for p in paths):
+    if not paths or not all(_is_scan(p) or spatial_format(p) for p in paths):
         return None
     return reader_function
+
+
+class NotASection(InputError):
+    """An ``.h5ad`` without spot positions opened as a section: most likely a single-cell reference."""
+
+
+def _check_has_spots(path) -> None:
+    """Refuse an ``.h5ad`` without ``obsm['spatial']`` with what it is and where it goes instead."""
+    if spatial_format(path) != "h5ad" or spatial_format(path, require_spots=True):
+        return
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        n_obs = len(f["obs"][f["obs"].attrs.get("_index", "_index")]) if "obs" in f else 0
+    raise NotASection(
+        f"{Path(path).name} has no spot positions (obsm['spatial']), so it is not a Visium section; with "
+        f"{n_obs} observations it looks like a single-cell reference: open it in the Reference tab "
+        "(Plugins > Cell2location) to make signatures from it."
+    )
 
 
 def _with_multiscale(layer: tuple) -> tuple:
@@ -160,6 +179,21 @@ def _shown_images() -> list[tuple[tuple, np.ndarray]]:
     return out
 
 
+def _shown_box() -> np.ndarray | None:
+    """``(row_min, col_min, row_max, col_max)`` of the 2-D layers the current viewer shows (None when it
+    shows none, or there is no viewer)."""
+    import napari
+
+    viewer = napari.current_viewer()
+    if viewer is None:
+        return None
+    extents = [np.asarray(layer.extent.world, dtype=float) for layer in viewer.layers if layer.ndim == 2]
+    extents = [e for e in extents if np.isfinite(e).all() and (e[1] > e[0]).any()]
+    if not extents:
+        return None
+    return np.r_[np.min([e[0] for e in extents], axis=0), np.max([e[1] for e in extents], axis=0)]
+
+
 def tiff_layer_data(path: str | os.PathLike) -> tuple:
     """Layer data tuple of a full-resolution TIFF opened on its own, placed on its section when one is shown."""
     pyramid = open_fullres_image(path)
@@ -168,13 +202,16 @@ def tiff_layer_data(path: str | os.PathLike) -> tuple:
 
 def read_paths(paths: list) -> list[tuple]:
     """Layer data of the datasets and scans at ``paths``: a Space Ranger folder opened with one TIFF gets it
-    as its full-resolution image; other TIFFs open on their own; datasets sit side by side."""
+    as its full-resolution image; other TIFFs open on their own; datasets sit side by side, and beside
+    what the viewer already shows."""
     tiffs = [p for p in paths if is_tiff_name(p) and Path(p).is_file()]
     datasets = [p for p in paths if p not in tiffs]
     image = None
     if len(tiffs) == 1 and len(datasets) == 1 and spatial_format(datasets[0]) == "spaceranger":
         image, tiffs = tiffs[0], []
-    layers = place_side_by_side([layer_data_from_path(p, image) for p in datasets]) if datasets else []
+    layers = []
+    if datasets:  # beside what the viewer shows: napari opens the files of one Open one call at a time
+        layers = place_side_by_side([layer_data_from_path(p, image) for p in datasets], shown=_shown_box())
     return layers + [tiff_layer_data(t) for t in tiffs]
 
 
@@ -184,9 +221,13 @@ def reader_function(path) -> list[tuple]:
     A file that cannot be read is reported as a notification (its one-line reason) and opens nothing.
     """
     try:
-        return read_paths(_paths(path)) or NO_LAYERS
+        paths = _paths(path)
+        for p in paths:
+            _check_has_spots(p)
+        return read_paths(paths) or NO_LAYERS
     except InputError as err:
         from napari.utils.notifications import show_error
 
-        show_error(shorten_paths(str(err)))
+        headline = "Not a section: a single-cell table?" if isinstance(err, NotASection) else "Cannot open this."
+        show_error(f"{headline}\n{shorten_paths(str(err))}")  # napari's toast shows the first line
         return NO_LAYERS

@@ -112,7 +112,12 @@ class DataWidget(Container):
         try:
             df = read_signatures(path)
         except (ValueError, OSError, KeyError) as err:
-            tell("error", "Not usable as signatures.", f"{path.name}: {err}")
+            single_cell = "single-cell table" in str(err)  # a reference to make signatures from, not signatures
+            tell(
+                "error",
+                "A single-cell table, not signatures." if single_cell else "Not usable as signatures.",
+                str(err),
+            )
             return False
         self.set_signatures(df, source=path.name)
         return True

@@ -197,6 +197,13 @@ def _read_signature_h5ad(path: Path) -> pd.DataFrame:
         df = _order_by_factor_names(df, factor_names)
         return _to_float_frame(df, f"{source} var[{_REFERENCE_PREFIX}*]")
 
+    labels = [str(c) for c in adata.obs.columns if isinstance(adata.obs[c].dtype, pd.CategoricalDtype)]
+    if labels and "spatial" not in adata.obsm:
+        raise InputError(
+            f"{source} is a single-cell table ({adata.n_obs} cells x {adata.n_vars} genes, labels such as "
+            f"obs[{labels[0]!r}]), not signatures: make signatures from it in the Reference tab (or "
+            "reference.estimate_signatures / the CLI's reference command), then use those."
+        )
     raise InputError(
         f"{source} holds no reference signatures: expected varm[{REFERENCE_VARM_KEY!r}] (columns "
         f"'{_REFERENCE_PREFIX}{{cell_type}}', as written by cell2location's RegressionModel.export_posterior) "
