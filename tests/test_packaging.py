@@ -150,6 +150,9 @@ CORE_MODULES = [
     "napari_cell2location._contract",
     "napari_cell2location._variants",
     "napari_cell2location._cli",
+    "napari_cell2location.io._fullres",
+    "napari_cell2location.nuclei._fullres",
+    "napari_cell2location.datasets._fullres",
 ]
 GUI_MODULES = ["qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "PySide2", "PySide6", "vispy"]
 

@@ -272,12 +272,15 @@ def spatial_layer_data(
     for sec in sections:
         if sec.image is None:
             continue
+        from .io import Pyramid
+
         img = sec.image
-        rgb = img.ndim == 3 and img.shape[-1] in (3, 4)
-        layers.append(
-            (img, {"name": f"{sec.name} H&E" if len(sections) > 1 else f"{name} H&E", "rgb": rgb,
-                   "affine": sec.image_affine}, "image")
-        )  # fmt: skip
+        image_kwargs = {"name": f"{sec.name} H&E" if len(sections) > 1 else f"{name} H&E", "affine": sec.image_affine}
+        if isinstance(img, Pyramid):  # a multiscale image (a SpatialData image with several scales)
+            image_kwargs.update(rgb=img.rgb, multiscale=True)
+        else:
+            image_kwargs["rgb"] = img.ndim == 3 and img.shape[-1] in (3, 4)
+        layers.append((img, image_kwargs, "image"))
     ctx = SpotContext(adata=adata, sdata=sdata, signatures=signatures, source=source)
     kwargs = {"name": name, "size": float(diameter), "border_width": 0.0, "opacity": 0.85}
     kwargs.update(_table_kwargs(spot_features(adata)))
