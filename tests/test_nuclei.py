@@ -409,3 +409,18 @@ def test_regions_read_only_the_tiles_they_meet(section):
     assert len(inside) > 10 and set(zip(inside.row, inside.col, strict=True)) <= got
     with pytest.raises(ValueError, match="regions"):
         nuclei.detect_nuclei(image, pixel_size_um=px, regions=[(0, np.nan, 0, 10)])
+
+
+def test_auto_threshold_cuts_a_small_background_class_far_below_the_nuclei():
+    """A clean scan: thousands of nuclei and a handful of pale maxima a factor 10 below them. Otsu's
+    measure sees one population (the small class hardly moves the variance); the empty gap separates them.
+    One log-normal population keeps the noise floor, and a few very bright nuclei are not cut away."""
+    rng = np.random.default_rng(0)
+    nuclei_r = np.exp(rng.normal(np.log(0.8), 0.3, 3000))
+    pale = rng.uniform(0.008, 0.03, 18)
+    thr = nuclei.auto_threshold(np.r_[nuclei_r, pale], noise_floor=0.004)
+    assert pale.max() < thr < nuclei_r.min()
+    one = np.exp(rng.normal(0.0, 1.0, 200))
+    assert nuclei.auto_threshold(one, noise_floor=0.001) == 0.001
+    bright = np.r_[nuclei_r, [40.0, 50.0, 60.0]]  # a gap above the bulk is not a background class
+    assert nuclei.auto_threshold(bright, noise_floor=0.004) < nuclei_r.min()

@@ -151,6 +151,10 @@ class CellsPerSpotWidget(Container):
         self.pixel_size.tooltip = "0 = from the spot size (Visium spots are 55 µm across)"
         self.pixel_note = Label(label="", value="")
         self.nucleus_diameter = FloatSpinBox(label="nucleus Ø (µm)", value=7.0, min=1.0, max=50.0, step=0.5)
+        self.nucleus_diameter.tooltip = (
+            "the typical nucleus size; set it to that or a little below: too large merges neighbours "
+            "(touching nuclei are split by the outline's lobes, at this scale)"
+        )
         self.nucleus_diameter.changed.connect(self._update_pixel_note)
         self.area = ComboBox(label="detect in", choices=[AREA_SPOTS, AREA_ALL], value=AREA_ALL)
         self.area.tooltip = (
@@ -414,6 +418,8 @@ class CellsPerSpotWidget(Container):
         if self.pixel_size.value > 0:  # typed pixel size: nucleus size through the image's scale
             size = float(self.nucleus_diameter.value) / float(self.pixel_size.value) * _linear_scale(image)
         features = pd.DataFrame({"response": table["response"].to_numpy()})
+        if "split" in table:  # centres added where touching nuclei were split apart
+            features["split"] = table["split"].to_numpy()
         name = f"nuclei ({image.name})"
         layer = self.nuclei_layer
         if layer is not None and layer in self.viewer.layers and layer.name == name:
@@ -429,8 +435,10 @@ class CellsPerSpotWidget(Container):
         self.nuclei_layer = layer
         self._refresh()
         self.nuclei.value = layer
+        n_split = int(table.attrs.get("n_split", 0))
+        split = f", {n_split} of them split from touching neighbours" if n_split else ""
         self.status.value = (
-            f"{found.summary()} (threshold {table.attrs.get('threshold', float('nan')):.3g}); "
+            f"{found.summary()}{split} (threshold {table.attrs.get('threshold', float('nan')):.3g}); "
             "edit the layer (add / delete points), then count again"
         )
         if self.spots.value is not None:

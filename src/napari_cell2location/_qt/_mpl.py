@@ -6,6 +6,22 @@ from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QLabel, QSizePolicy
 
 
+def _canvas_class():
+    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+
+    class Canvas(FigureCanvasQTAgg):
+        """Qt Agg canvas whose queued redraw is dropped when the widget is gone (a viewer closed right after
+        a plot was asked for), instead of raising from Qt's event loop."""
+
+        def _draw_idle(self):
+            try:
+                super()._draw_idle()
+            except RuntimeError:  # "wrapped C/C++ object ... has been deleted"
+                pass
+
+    return Canvas
+
+
 class MplCanvas(Container):
     """A magicgui Container holding one matplotlib figure (Qt Agg canvas).
 
@@ -24,11 +40,10 @@ class MplCanvas(Container):
 
     def __init__(self, height: float = 2.2, ncols: int = 1, width: float = 4.0, placeholder: str = ""):
         super().__init__(labels=False)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
         self.figure = Figure(figsize=(width, height), dpi=90, layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas = _canvas_class()(self.figure)
         self.canvas.setMinimumHeight(int(height * 80))
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.native.layout().addWidget(self.canvas)

@@ -43,11 +43,12 @@ from ._constants import (  # noqa: F401  (public constants of the coordinate con
     SPOT_PITCH_UM,
 )
 from ._expression import _reference_counts, _signatures, _spatial_counts
+from ._fullres import FullResScan, write_fullres_visium
 from ._histology import _histology
 from ._layout import _cell_composition
 from ._visium import _LIBRARY_ID, SyntheticVisium, _Names, _reference_adata, _scalefactors, _spatial_adata, _truth
 
-__all__ = ["SyntheticVisium", "density_sweep", "synthetic_visium"]
+__all__ = ["FullResScan", "SyntheticVisium", "density_sweep", "synthetic_visium", "write_fullres_visium"]
 
 #: Cells per spot of :func:`density_sweep`: sparse (2) to crowded (15, as lymph node, tumour, brain cell layers).
 SWEEP_DENSITIES = (2.0, 5.0, 8.0, 12.0, 15.0)

@@ -10,6 +10,9 @@ Touching and overlapping nuclei are split by default (``detect_nuclei(..., split
 >>> counts = nuclei.count_nuclei_per_spot(found, centres, radius)                # doctest: +SKIP
 >>> est = nuclei.estimate_n_cells_per_location(counts, adata.obs["in_tissue"])   # doctest: +SKIP
 >>> Cell2location(adata, sig, N_cells_per_location=est.per_spot)                 # doctest: +SKIP
+
+On a full-resolution scan (a lazy multiscale image, ``io.open_fullres_image``), :func:`detect_in_spots` reads
+only the tiles under the spots and counts per spot in world coordinates.
 """
 
 from ._count import (
@@ -21,17 +24,23 @@ from ._count import (
     spots_in_image,
 )
 from ._detect import DetectProgress, auto_threshold, detect_nuclei, iter_detect_nuclei, nuclear_signal
+from ._fullres import SpotNuclei, detect_in_spots, finest_level, iter_detect_in_spots, spot_regions
 
 __all__ = [
     "DetectProgress",
     "NCellsEstimate",
+    "SpotNuclei",
     "auto_threshold",
     "count_nuclei_per_spot",
+    "detect_in_spots",
     "detect_nuclei",
     "estimate_n_cells_per_location",
+    "finest_level",
+    "iter_detect_in_spots",
     "iter_detect_nuclei",
     "nuclear_signal",
     "outlier_fences",
     "overlap_scaling",
+    "spot_regions",
     "spots_in_image",
 ]
