@@ -1,8 +1,9 @@
 """The file and input boundary: reading spatial data and signatures, writing results, validating inputs.
 
 Every entry point (Python, the CLI, napari's reader hook) reads spatial data through :func:`read_spatial`,
-which knows AnnData ``.h5ad``, SpatialData / AnnData ``.zarr`` and Space Ranger ``outs/`` folders
-(:func:`spatial_format` says which one a path holds); :mod:`._sections` turns what was read into tissue
+which knows AnnData ``.h5ad``, SpatialData / AnnData ``.zarr``, Space Ranger ``outs/`` folders and Visium HD
+ones (:func:`read_visium_hd`: the square bins of one size, picked with ``bin_size=``). :func:`spatial_format`
+says which one a path holds; :mod:`._sections` turns what was read into tissue
 sections placed side by side. The full-resolution scan of a section (a pyramidal TIFF) opens lazily as a
 :class:`Pyramid` (:func:`open_fullres_image`; :func:`fullres_image_for` finds and checks the one of a Space
 Ranger folder).
@@ -35,6 +36,7 @@ from ._validate import (
     validate_counts,
     validate_signatures,
 )
+from ._visium_hd import bin_side, is_visium_hd, read_visium_hd, visium_hd_bin_sizes
 
 __all__ = [
     "MIN_SHARED_GENES",
@@ -43,6 +45,7 @@ __all__ = [
     "Pyramid",
     "atomic_output",
     "batch_codes",
+    "bin_side",
     "check_writable",
     "count_matrix",
     "duplicated_names",
@@ -50,6 +53,7 @@ __all__ = [
     "frame_mismatch",
     "fullres_image_for",
     "is_tiff_name",
+    "is_visium_hd",
     "open_fullres_image",
     "place_on_sections",
     "pick_table",
@@ -59,11 +63,13 @@ __all__ = [
     "read_signatures",
     "read_spaceranger",
     "read_spatial",
+    "read_visium_hd",
     "reading",
     "shorten_paths",
     "spaceranger_root",
     "spatial_format",
     "validate_counts",
     "validate_signatures",
+    "visium_hd_bin_sizes",
     "write_results",
 ]

@@ -1,8 +1,8 @@
 """Reading spatial counts: which format a path holds, and the one entry point :func:`read_spatial`.
 
-Formats: an AnnData ``.h5ad`` file, a SpatialData (or AnnData) ``.zarr`` store and a Space Ranger
-``outs/`` folder. Nothing here imports Qt or napari; ``anndata``, ``spatialdata`` and ``h5py`` load
-inside the functions that need them.
+Formats: an AnnData ``.h5ad`` file, a SpatialData (or AnnData) ``.zarr`` store, a Space Ranger
+``outs/`` folder and a Visium HD one (its square bins of one size). Nothing here imports Qt or napari;
+``anndata``, ``spatialdata`` and ``h5py`` load inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ._files import check_hdf5, read_h5ad, reading
 from ._read import _existing_path, _format_suffix
 from ._spaceranger import read_spaceranger, spaceranger_lacks, spaceranger_root
 from ._validate import InputError
+from ._visium_hd import is_visium_hd, read_visium_hd
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -23,7 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-SpatialFormat = Literal["h5ad", "zarr", "spaceranger"]
+SpatialFormat = Literal["h5ad", "zarr", "spaceranger", "visium_hd"]
+_KINDS = {"h5ad": "an .h5ad file", "zarr": "a .zarr store", "spaceranger": "a standard Visium Space Ranger folder"}
 
 
 def _zarr_encoding_type(path: Path) -> str | None:
@@ -65,9 +67,11 @@ def spatial_format(path: str | os.PathLike, *, require_spots: bool = False) -> S
 
     Returns
     -------
-    {'h5ad', 'zarr', 'spaceranger'} or None
-        ``'zarr'`` for a ``.zarr`` folder or any folder with zarr metadata; ``'spaceranger'`` for a folder
-        (or the parent of an ``outs/`` folder) with ``spatial/`` and a count matrix; None otherwise.
+    {'h5ad', 'zarr', 'spaceranger', 'visium_hd'} or None
+        ``'zarr'`` for a ``.zarr`` folder or any folder with zarr metadata; ``'visium_hd'`` for a Visium HD
+        output (its ``outs/`` or run folder, ``binned_outputs/`` or one ``square_NNNum/`` bin folder);
+        ``'spaceranger'`` for a folder (or the parent of an ``outs/`` folder) with ``spatial/`` and a count
+        matrix; None otherwise.
     """
     path = Path(path).expanduser()
     suffix = _format_suffix(path)
@@ -75,6 +79,8 @@ def spatial_format(path: str | os.PathLike, *, require_spots: bool = False) -> S
         return "h5ad" if not require_spots or _h5ad_has_spots(path) else None
     if path.is_dir() and (suffix == ".zarr" or _looks_like_zarr(path)):
         return "zarr"
+    if is_visium_hd(path):
+        return "visium_hd"
     if spaceranger_root(path) is not None:
         return "spaceranger"
     return None
@@ -140,26 +146,31 @@ def _read_zarr(path: Path, table_key: str | None) -> tuple[anndata.AnnData, spat
 
 
 def read_spatial(
-    path: str | os.PathLike, table_key: str | None = None
+    path: str | os.PathLike, table_key: str | None = None, bin_size: int | None = None
 ) -> tuple[anndata.AnnData, spatialdata.SpatialData | None]:
-    """Read spatial counts from an ``.h5ad`` file, a ``.zarr`` store or a Space Ranger folder.
+    """Read spatial counts from an ``.h5ad`` file, a ``.zarr`` store, a Space Ranger or Visium HD folder.
 
     Parameters
     ----------
     path : str or os.PathLike
         An AnnData ``.h5ad`` file, a SpatialData ``.zarr`` directory, an AnnData ``.zarr``
         directory (as written by :func:`write_results` without ``sdata``), or a Space Ranger
-        ``outs/`` folder or its parent (read by :func:`read_spaceranger`).
+        ``outs/`` folder or its parent (read by :func:`read_spaceranger`), or a Visium HD ``outs/`` folder,
+        its ``binned_outputs/`` or one bin's folder (read by :func:`read_visium_hd`).
     table_key : str, optional
         For SpatialData: the table holding the counts. ``None`` picks ``'table'`` if present,
         else the only table.
+    bin_size : int, optional
+        For Visium HD: the bin size in µm (2, 8, 16, ...); default 8, or the bin folder's own. Given for
+        another format, it is an error.
 
     Returns
     -------
     adata : anndata.AnnData
         The (n_obs, n_vars) counts table. For SpatialData it is the table object itself, so
         results written into it land in ``sdata``. For Space Ranger it is in the scanpy Visium
-        layout (``obsm['spatial']``, ``uns['spatial'][library]``).
+        layout (``obsm['spatial']``, ``uns['spatial'][library]``); Visium HD bins too, with the bin size in
+        the library's scale factors.
     sdata : spatialdata.SpatialData or None
         The whole dataset (images, shapes, tables), or ``None`` for AnnData and Space Ranger inputs.
 
@@ -168,10 +179,18 @@ def read_spatial(
     InputError
         If the path does not exist, its format is unknown, a file is broken (not HDF5, cut short, no
         counts: the message names the file and says what is wrong) (the message says what a folder that looks
-        like Space Ranger output lacks), a file in it is unreadable, or no table can be chosen.
+        like Space Ranger output lacks), a file in it is unreadable, no table can be chosen, or a Visium HD
+        folder lacks the bin size asked for (the message lists those it has).
     """
     path = _existing_path(path, "Spatial data")
     fmt = spatial_format(path)
+    if fmt == "visium_hd":
+        return read_visium_hd(path, bin_size), None
+    if bin_size is not None and fmt is not None:
+        raise InputError(
+            f"a bin size ({bin_size}) is for Visium HD output (outs/binned_outputs/square_NNNum/); "
+            f"{str(path)!r} is {_KINDS[fmt]}: leave it out."
+        )
     if fmt == "h5ad":
         adata = read_h5ad(path, "spatial counts .h5ad")
         logger.info("Read AnnData %s from %s", adata.shape, path)
@@ -184,5 +203,5 @@ def read_spatial(
     hint = f" It looks like a Space Ranger output folder but it lacks {lacks}." if lacks else ""
     raise InputError(
         f"Cannot read spatial data from {str(path)!r}: unknown format. Expected an AnnData .h5ad file, "
-        f"a SpatialData (or AnnData) .zarr directory or a Space Ranger outs/ folder.{hint}"
+        f"a SpatialData (or AnnData) .zarr directory or a Space Ranger (or Visium HD) outs/ folder.{hint}"
     )
