@@ -14,6 +14,10 @@ model on the data is well specified and its estimates can be scored against the 
   (``image_um_per_px``) are parameters, and :func:`density_sweep` draws one section per cell density
   (sparse to crowded) for checking nuclei counts across densities.
 
+:func:`write_visium_hd` writes a synthetic Visium HD run to disk instead (Space Ranger's ``outs/`` with
+``binned_outputs/square_002um|square_008um|square_016um/``, coarser bins the sums of the finest, the truth
+returned), since no HD data can be downloaded for tests.
+
 Coordinate conventions (written once, used everywhere):
 
 * ``adata.obsm['spatial']`` is (x, y) in full-resolution pixels; one full-resolution pixel is 0.5 µm;
@@ -47,8 +51,17 @@ from ._fullres import FullResScan, write_fullres_visium
 from ._histology import _histology
 from ._layout import _cell_composition
 from ._visium import _LIBRARY_ID, SyntheticVisium, _Names, _reference_adata, _scalefactors, _spatial_adata, _truth
+from ._visium_hd import SyntheticVisiumHD, write_visium_hd
 
-__all__ = ["FullResScan", "SyntheticVisium", "density_sweep", "synthetic_visium", "write_fullres_visium"]
+__all__ = [
+    "FullResScan",
+    "SyntheticVisium",
+    "SyntheticVisiumHD",
+    "density_sweep",
+    "synthetic_visium",
+    "write_fullres_visium",
+    "write_visium_hd",
+]
 
 #: Cells per spot of :func:`density_sweep`: sparse (2) to crowded (15, as lymph node, tumour, brain cell layers).
 SWEEP_DENSITIES = (2.0, 5.0, 8.0, 12.0, 15.0)
