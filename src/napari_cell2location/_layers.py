@@ -9,7 +9,10 @@ Coordinate convention (written once, used by the reader, the sample data and the
   gets ``scale = 1 / scalef`` (pixel centres at integer indices, as in napari and Space Ranger), so pixel
   ``(r, c)`` sits at world ``(r, c) / scalef`` and spots land exactly on the tissue;
 * several sections (libraries) whose frames overlap are placed side by side in x, never overlapped; so are
-  several datasets opened together (one rule: :func:`napari_cell2location.io._sections.side_by_side_shifts`).
+  several datasets opened together (one rule: :func:`napari_cell2location.io._sections.side_by_side_shifts`);
+* Visium spots are discs of ``spot_diameter_fullres``; Visium HD bins are squares (``symbol='square'``) of
+  their true side, ``bin_size_um / microns_per_pixel`` full-resolution pixels
+  (:func:`napari_cell2location.io.bin_side`), and so are the results drawn over them.
 
 Sections are parsed from the scanpy layout or SpatialData in :mod:`napari_cell2location.io._sections`.
 
@@ -35,6 +38,7 @@ from .io._sections import (
     side_by_side_shifts,
     spatialdata_sections,
 )
+from .io._visium_hd import bin_side
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +287,7 @@ def spatial_layer_data(
         layers.append((img, image_kwargs, "image"))
     ctx = SpotContext(adata=adata, sdata=sdata, signatures=signatures, source=source)
     kwargs = {"name": name, "size": float(diameter), "border_width": 0.0, "opacity": 0.85}
+    kwargs.update(_bin_kwargs(adata if sdata is None else None))
     kwargs.update(_table_kwargs(spot_features(adata)))
     kwargs["metadata"][CONTEXT_KEY] = ctx
     layers.append((yx, kwargs, "points"))
@@ -396,6 +401,12 @@ def _table_kwargs(table: pd.DataFrame) -> dict:
     }
 
 
+def _bin_kwargs(adata) -> dict:
+    """``symbol`` and ``size`` of the Points of Visium HD bins (squares of their true side); {} for spots."""
+    side = bin_side(adata) if adata is not None else None
+    return {} if side is None else {"symbol": "square", "size": side}
+
+
 def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, qc=None, name: str = "cell abundance") -> tuple:
     """Points layer data of fitted abundances: its table holds every statistic of every cell type.
 
@@ -404,7 +415,7 @@ def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, qc=None, n
     yx : numpy.ndarray
         (n_obs, 2) spot centres in world coordinates (those of the spots layer).
     size : float or numpy.ndarray
-        Spot diameter(s).
+        Spot diameter(s), or the side of Visium HD bins (drawn as squares, as the bins' layer).
     adata : anndata.AnnData
         Table with exported posterior (``obsm['{stat}_cell_abundance_w_sf']``).
     ctx : SpotContext
@@ -424,5 +435,7 @@ def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, qc=None, n
     if qc is not None:
         table = pd.concat([table, qc[[c for c in qc.columns if c not in table]].reset_index(drop=True)], axis=1)
     kwargs = {"name": name, "size": size, "border_width": 0.0, **_table_kwargs(table)}
+    if _bin_kwargs(adata if ctx.sdata is None else None):  # Visium HD bins: squares, as the bins' own layer
+        kwargs["symbol"] = "square"
     kwargs["metadata"][CONTEXT_KEY] = ctx
     return np.asarray(yx, dtype=float), kwargs, "points"

@@ -6,6 +6,9 @@ spot positions; a single-cell reference is left to other readers) are recognised
 Each opens as its sections' H&E (Image layers) and its spots (a Points layer) in full-resolution pixel world
 coordinates (see :mod:`napari_cell2location._layers`); several datasets opened together sit side by side.
 
+A Visium HD ``outs/`` folder opens its 8 µm bins as squares of their true size; its
+``binned_outputs/square_NNNum/`` folder opens the bins of that size instead (a reader takes no options).
+
 Full-resolution scans open as multiscale Image layers, read lazily
 (:func:`~napari_cell2location.io.open_fullres_image`):
 
@@ -150,6 +153,9 @@ def layer_data_from_path(path: str | os.PathLike, image: str | os.PathLike | Non
     """
     adata, sdata = read_spatial(path)
     name = Path(path).name.removesuffix(".zarr").removesuffix(".h5ad")
+    if spatial_format(path) == "visium_hd":  # 'run 8 µm bins': the run's name and the bin size read
+        lib, entry = next(iter(adata.uns["spatial"].items()))
+        name = f"{lib} {entry['scalefactors']['bin_size_um']:g} µm bins"
     layers = spatial_layer_data(adata, sdata, name=name or "spots", source=str(path))
     if spatial_format(path) == "spaceranger":
         pyramid = fullres_image_for(path, image, adata=adata)
