@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-key", default=None, help="column of obs with the sample/section of each spot")
     fit.add_argument("--layer", default=None, help="layer with raw counts (default X)")
     fit.add_argument("--table-key", default=None, help="SpatialData table to use (default 'table')")
+    fit.add_argument(
+        "--bin-size",
+        type=_positive_int,
+        default=None,
+        help="Visium HD outs/ folder: bin size in µm to fit (2, 8 or 16; default 8)",
+    )
     fit.add_argument("--save-model", default=None, help="also save the trained model to this folder")
     _add_fit_options(fit, epochs=None, lr=None)
 
@@ -157,7 +163,7 @@ def cmd_fit(args) -> int:
     check_writable(out, "--out")  # now, not after a long fit
     if args.save_model:
         check_writable(Path(args.save_model) / "attr.json", "--save-model folder")
-    adata, sdata = read_spatial(args.spatial, table_key=args.table_key)
+    adata, sdata = read_spatial(args.spatial, table_key=args.table_key, bin_size=args.bin_size)
     signatures = read_signatures(args.signatures)
     mod = _fit(adata, signatures, args, args.batch_key).model
     write_results(adata, out, sdata=sdata)
