@@ -138,7 +138,8 @@ def test_validation_messages(caplog):
     with caplog.at_level(logging.INFO, logger="napari_cell2location"):
         out = check_reference(rare, "ct")
     assert out.small_labels["Rare"] == 4
-    level = {text: r.levelno for r in caplog.records for text in ("'Rare': 4", "2 of 40 genes") if text in r.getMessage()}
+    texts = ("'Rare': 4", "2 of 40 genes")
+    level = {text: r.levelno for r in caplog.records for text in texts if text in r.getMessage()}
     # rare labels make noisy signatures (a warning); empty genes are dropped by the gene filter (info)
     assert level == {"'Rare': 4": logging.WARNING, "2 of 40 genes": logging.INFO}
 
