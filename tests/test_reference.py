@@ -395,12 +395,13 @@ def test_train_names_unexpected_arguments_and_returns_the_model(tiny):
     ad = small_reference()
     RegressionModel.setup_anndata(ad, labels_key="ct")
     reg = RegressionModel(ad)
-    with pytest.raises(TypeError, match=r"\['bogus'\]; accepted: \['device', 'seed'\]"):
+    accepted = r"\['checkpoint_dir', 'checkpoint_every', 'device', 'resume', 'seed'\]"
+    with pytest.raises(TypeError, match=r"\['bogus'\]; accepted: " + accepted):
         reg.train(max_epochs=1, bogus=1)
     assert not reg.is_trained_
     assert reg.train(max_epochs=1, batch_size=None, progress_bar=False, device="cpu") is reg
     adata, sig, _ = tiny
     mod = Cell2location(adata, sig)
-    with pytest.raises(TypeError, match=r"accepted: \['device', 'early_stopping', 'init', 'seed'\]"):
+    with pytest.raises(TypeError, match=r"accepted: \['checkpoint_dir', 'checkpoint_every', 'device', 'early_st"):
         mod.train(max_epochs=1, lr_schedule=1)
     assert mod.train(max_epochs=1, progress_bar=False, device="cpu") is mod and mod.is_trained_

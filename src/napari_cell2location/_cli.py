@@ -90,6 +90,23 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int | None, lr: float |
         help="summaries straight from the guide (exact quantiles, no sampling; low memory)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="write a training checkpoint into this folder (parameters, optimiser, history, random state)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        help="epochs between checkpoints (default: about every 100 optimisation steps)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir (to --max-epochs in all), to the same result "
+        "as an uninterrupted fit; a fresh fit when there is none",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or log")
 
 
@@ -150,6 +167,9 @@ def _fit(adata, signatures, args, batch_key):
         use_quantiles=args.use_quantiles,
         num_samples=args.num_samples,
         export_batch_size=None,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
     return fit(adata, signatures, settings, progress_bar=not args.quiet)
 

@@ -31,6 +31,7 @@ from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 from scipy import sparse
 
 from ..io import InputError, atomic_output, read_h5ad, reading
+from ._checkpoint import Checkpointer
 from ._device import describe_device, resolve_device
 from ._posterior import DEFAULT_SUMMARIES, PosteriorMixin, check_summaries
 from ._training import check_training_args, consume, epoch_batches, svi_steps
@@ -185,6 +186,9 @@ class PyroEstimator(PosteriorMixin):
         stopper=None,
         make_loss=None,
         before_setup=None,
+        checkpoint_dir=None,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
     ):
         """``iter_train``'s body: check the arguments, set the guide up, yield a TrainStep per step.
 
@@ -192,12 +196,19 @@ class PyroEstimator(PosteriorMixin):
         starting values); ``make_loss()``, called once the guide is set up, returns the step's loss
         function (default Pyro's ``Trace_ELBO``). A ``stopper`` with ``bind`` (:class:`AnswerStopper`)
         is bound to this run's answer (:meth:`_answer`). What ended the run is kept in ``stop_reason_``.
+
+        With ``checkpoint_dir`` a :class:`~napari_cell2location._infer._checkpoint.Checkpointer` writes
+        the run's state there every ``checkpoint_every`` epochs; with ``resume`` the run continues from
+        the checkpoint there (to ``max_epochs`` in all), as the uninterrupted run would have.
         """
         check_training_args(max_epochs, batch_size, train_size, lr, num_particles)
         dev = resolve_device(device)
         if seed is not None:
             pyro.set_rng_seed(int(seed))
-        if before_setup is not None and self.guide.prototype_trace is None:
+        if resume and checkpoint_dir is None:
+            raise InputError("resume needs the checkpoint's folder (checkpoint_dir, --checkpoint-dir)")
+        ckpt = None if checkpoint_dir is None else Checkpointer(checkpoint_dir, checkpoint_every, resume)
+        if before_setup is not None and self.guide.prototype_trace is None and getattr(ckpt, "saved", None) is None:
             before_setup(dev)
         self._ensure_guide(dev)
         self._bound_guide_scales()  # also parameters set or loaded from elsewhere
@@ -207,6 +218,16 @@ class PyroEstimator(PosteriorMixin):
         )
         if hasattr(stopper, "bind"):
             stopper.bind(self._answer, lr, steps_per_epoch)
+        loss_fn = None if make_loss is None else make_loss()
+        optim_state = None
+        if ckpt is not None:  # resumed: the checkpoint's parameters, history, stopper and random state
+            settings = {"lr": float(lr), "batch_size": batch_size, "num_particles": int(num_particles)}
+            settings.update(scale_elbo=scale_elbo, loss_fn=loss_fn, max_epochs=int(max_epochs))
+            settings.update(batches=batches, steps=steps_per_epoch, stopper=stopper)
+            max_epochs, optim_state = ckpt.start(self, **settings)
+            self._summary = None
+            if not max_epochs:  # it had stopped, or already ran max_epochs: stop_reason_ is the checkpoint's
+                return
         n_before = len(self._history)
         self.stop_reason_ = "interrupted"
         try:
@@ -222,8 +243,10 @@ class PyroEstimator(PosteriorMixin):
                 scale_elbo=scale_elbo,
                 stopper=stopper,
                 nan_hint=self._NAN_HINT,
-                loss_fn=None if make_loss is None else make_loss(),
+                loss_fn=loss_fn,
                 after_step=self._bound_guide_scales,
+                optim_state=optim_state,
+                on_epoch_end=None if ckpt is None else ckpt.epoch_end,
             )
         finally:  # also when closed early (a GUI's cancel): record whether any epoch ran
             self.is_trained_ = self.is_trained_ or len(self._history) > n_before

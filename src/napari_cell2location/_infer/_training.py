@@ -230,6 +230,20 @@ class Adam:
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(params, m, denom, value=-self.lr / bias1)
 
+    def state_dict(self) -> dict:
+        """Step count and moment estimates (lists in ``params`` order), e.g. for a checkpoint."""
+        return {"t": self.t, "exp_avg": list(self.exp_avg), "exp_avg_sq": list(self.exp_avg_sq)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` of the same parameters."""
+        for key in ("exp_avg", "exp_avg_sq"):
+            if [tuple(v.shape) for v in state[key]] != [tuple(p.shape) for p in self.params]:
+                raise ValueError(f"the optimiser state's {key} does not match the parameters' shapes")
+            for mine, saved in zip(getattr(self, key), state[key], strict=True):
+                mine.copy_(saved)
+        self.t = int(state["t"])
+
 
 def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, make_full_args: Callable, seed=None):
     """``batches(epoch)`` for :func:`svi_steps`, and the steps in one epoch: all observations at
@@ -264,6 +278,7 @@ def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, make_
         order = rng.permutation(n_obs)
         return (make_args(np.sort(order[i : i + size])) for i in range(0, n_obs, size))
 
+    batches.rng = rng  # its state is the minibatch order to come (a checkpoint keeps it)
     return batches, math.ceil(n_obs / size)
 
 
@@ -281,6 +296,8 @@ def svi_steps(
     nan_hint: str = "normalised or non-integer counts",
     loss_fn: Callable | None = None,
     after_step: Callable | None = None,
+    optim_state: dict | None = None,
+    on_epoch_end: Callable | None = None,
 ) -> Iterator[TrainStep]:
     """Optimise ``guide`` for ``module``, yielding after every step.
 
@@ -309,6 +326,13 @@ def svi_steps(
         :class:`~napari_cell2location.model._elbo.MeanFieldELBO`); default: Pyro's ``Trace_ELBO``.
     after_step : callable, optional
         Called after every optimiser step (e.g. to keep parameters in bounds).
+    optim_state : dict, optional
+        :meth:`Adam.state_dict` to continue from (a resumed fit).
+    on_epoch_end : callable, optional
+        ``on_epoch_end(optim, stopped, interrupted=False)`` after each whole epoch, once ``history`` and
+        the stopper have it: ``stopped`` is the reason when the stopper ends the run there, else None
+        (e.g. to write a checkpoint). Also called with ``interrupted=True`` when the run is
+        interrupted (closed, an error) after every step of an epoch but before its bookkeeping.
 
     Yields
     ------
@@ -326,11 +350,13 @@ def svi_steps(
             return elbo.differentiable_loss(module, guide, *args)
 
     optim = Adam(list(guide.parameters()), lr=lr)
+    if optim_state is not None:
+        optim.load_state_dict(optim_state)
     total = int(max_epochs) * int(steps_per_epoch)
     start_epoch = len(history)
     epoch_losses: list[float] = []
     step = 0
-    reason = f"{int(max_epochs)} epochs done"
+    reason = f"{start_epoch + int(max_epochs)} epochs done"
     module.train()
     try:
         for epoch in range(int(max_epochs)):
@@ -354,13 +380,20 @@ def svi_steps(
                 yield TrainStep(step, total, value, start_epoch + epoch)
             history.append(float(np.mean(epoch_losses)))
             epoch_losses = []
-            if stopper is not None and stopper.update(history[-1]):
-                reason = f"{stopper.reason} after {epoch + 1} epochs"
+            stopped = stopper is not None and stopper.update(history[-1])
+            if stopped:
+                reason = f"{stopper.reason} after {start_epoch + epoch + 1} epochs"
                 logger.info("stopping: %s", reason)
+            if on_epoch_end is not None:
+                on_epoch_end(optim, reason if stopped else None)
+            if stopped:
                 break
     finally:
         if epoch_losses:  # interrupted mid-epoch: record what was done
             history.append(float(np.mean(epoch_losses)))
+            if on_epoch_end is not None and len(epoch_losses) == steps_per_epoch:  # a whole epoch after all
+                stopped = stopper is not None and stopper.update(history[-1])
+                on_epoch_end(optim, f"{stopper.reason} after {len(history)} epochs" if stopped else None, True)
         module.eval()
     return reason
 

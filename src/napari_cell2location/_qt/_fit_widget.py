@@ -10,7 +10,17 @@ from pathlib import Path
 
 import napari.viewer
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
 
 from .._variants import ModelVariant
 from ._mpl import MplCanvas
@@ -92,6 +102,16 @@ class FitWidget(Container):
         choices, note = _devices()
         self.device = ComboBox(label="device", choices=choices, value="auto", tooltip=note)
         self.device_note = Label(label="", value=note)
+        self.checkpoint_path = FileEdit(label="checkpoint folder", mode="d")
+        self.checkpoint_path.tooltip = (
+            "empty = no checkpoints; a folder: the fit's state is saved there about every 100 steps and when "
+            "it ends or is cancelled, so a fit that dies can be resumed"
+        )
+        self.resume = CheckBox(text="resume from the checkpoint there", value=False)
+        self.resume.tooltip = (
+            "continue the fit saved in the checkpoint folder (same data and settings; epochs = the total) "
+            "to the same result as an uninterrupted fit; a fresh fit when the folder has none"
+        )
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
@@ -113,7 +133,8 @@ class FitWidget(Container):
         self.extend(
             [
                 self.model, self.n_cells, self.n_cells_note, self.detection_alpha, self.epochs, self.tolerance, self.lr,
-                self.batch_size, self.device, self.device_note, buttons, self.progress, self.status,
+                self.batch_size, self.device, self.device_note, self.checkpoint_path, self.resume, buttons,
+                self.progress, self.status,
                 self.plot, self.save_path, self.save_button, self.load_path, model_buttons,
             ]
         )  # fmt: skip
@@ -126,6 +147,10 @@ class FitWidget(Container):
         self.state.n_cells_changed.connect(self._show_n_cells)
         self.state.data_changed.connect(self._update_run_state)
         self.epochs.changed.connect(lambda v: setattr(self.tolerance, "enabled", not v))
+        self.checkpoint_path.changed.connect(
+            lambda _: setattr(self.resume, "enabled", self.checkpoint_dir() is not None)
+        )
+        self.resume.enabled = False  # until a checkpoint folder is chosen
         self._update_run_state()
 
     # ------------------------------------------------------------------ N cells per spot
@@ -162,7 +187,14 @@ class FitWidget(Container):
             lr=float(self.lr.value) or None,
             batch_size=int(self.batch_size.value) or None,
             device=str(self.device.value),
+            checkpoint_dir=self.checkpoint_dir(),
+            resume=bool(self.resume.value),
         )
+
+    def checkpoint_dir(self) -> Path | None:
+        """The checkpoint folder chosen (None: the field is empty, no checkpoints)."""
+        text = str(self.checkpoint_path.value).strip()
+        return None if text in ("", ".") else Path(text)
 
     # ------------------------------------------------------------------ run / cancel
     @property
@@ -208,6 +240,7 @@ class FitWidget(Container):
         self.progress.value = 0
         self.status.value = "setting up the model..."
         self._fit_layer = self.state.spots_layer
+        self._checkpoint = settings.checkpoint_dir
         start_worker(
             self,
             beside_viewer(iter_fit),
@@ -339,7 +372,10 @@ class FitWidget(Container):
         tell("error", f"{what} failed.", str(err), self.status)
 
     def _on_aborted(self):
-        tell("warning", "Fit cancelled.", f"After {len(self.losses)} steps; nothing exported.", self.status)
+        detail = f"After {len(self.losses)} steps; nothing exported."
+        if getattr(self, "_checkpoint", None) is not None and getattr(self, "_job", "fit") == "fit":
+            detail += f" Its last checkpoint is in {self._checkpoint.name}: tick resume to continue it."
+        tell("warning", "Fit cancelled.", detail, self.status)
 
     def _on_finished(self):
         self.worker = None

@@ -273,6 +273,9 @@ class Cell2location(PyroEstimator):
         seed: int | None = None,
         init: str | None = None,
         early_stopping: bool | AnswerStopper | ConvergenceStopper | None = None,
+        checkpoint_dir=None,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
     ):
         """Train, yielding a :class:`~napari_cell2location.model.TrainStep` after every optimisation step.
 
@@ -317,6 +320,16 @@ class Cell2location(PyroEstimator):
             Stop when the answer has converged (True: an ``AnswerStopper`` with its defaults; or the
             stopper given, e.g. ``AnswerStopper(tolerance=0.005)`` to train further); default True
             with ``max_epochs=None``, else False.
+        checkpoint_dir : str or path, optional
+            Folder of a checkpoint (``checkpoint.pt``: guide, optimiser state, history, stopper, random
+            state), written every ``checkpoint_every`` epochs, at the end and on interruption, each
+            time atomically. A folder that holds one already is refused unless ``resume``.
+        checkpoint_every : int, optional
+            Epochs between checkpoints (default about every 100 optimiser steps).
+        resume : bool
+            Continue from ``checkpoint_dir``'s checkpoint (made on the same data with the same settings)
+            to ``max_epochs`` epochs in all, to the same result as an uninterrupted fit; a fresh fit
+            when there is none. A damaged or foreign checkpoint is an ``InputError``.
 
         Yields
         ------
@@ -345,6 +358,9 @@ class Cell2location(PyroEstimator):
             if self.pyro_elbo
             else lambda: MeanFieldELBO(self.module, self.guide, num_particles, analytic=analytic),
             before_setup=self._set_nnls_init if init == "nnls" else None,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
         )
 
     def train(
@@ -365,8 +381,9 @@ class Cell2location(PyroEstimator):
         progress_bar : bool
             Show a tqdm progress bar on stderr.
         **kwargs
-            ``device`` ('auto' | 'cpu' | 'cuda[:n]'), ``seed``, ``init`` ('prior' | 'nnls') and
-            ``early_stopping`` (see :meth:`iter_train`).
+            ``device`` ('auto' | 'cpu' | 'cuda[:n]'), ``seed``, ``init`` ('prior' | 'nnls'),
+            ``early_stopping`` and ``checkpoint_dir`` / ``checkpoint_every`` / ``resume`` (see
+            :meth:`iter_train`).
         """
         args = {"max_epochs": max_epochs, "batch_size": batch_size, "train_size": train_size, "lr": lr}
         args.update(num_particles=num_particles, scale_elbo=scale_elbo)

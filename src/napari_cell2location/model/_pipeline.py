@@ -64,6 +64,12 @@ class FitSettings:
         Posterior samples otherwise.
     export_batch_size : int, optional
         Spots per batch of the export (bounds its memory).
+    checkpoint_dir : str or path, optional
+        Folder of the training checkpoint (None: none); see ``Cell2location.iter_train``.
+    checkpoint_every : int, optional
+        Epochs between checkpoints (None: about every 100 optimiser steps).
+    resume : bool
+        Continue from the checkpoint in ``checkpoint_dir`` (a fresh fit when there is none).
     """
 
     variant: ModelVariant = ModelVariant.MAIN
@@ -81,6 +87,9 @@ class FitSettings:
     use_quantiles: bool = True
     num_samples: int = 1000
     export_batch_size: int | None = 2000
+    checkpoint_dir: Any = None
+    checkpoint_every: int | None = None
+    resume: bool = False
 
     @property
     def per_spot(self) -> bool:
@@ -172,6 +181,9 @@ def iter_fit(adata, signatures: pd.DataFrame, settings: FitSettings | None = Non
         device=settings.device,
         seed=settings.seed,
         early_stopping=stopper,
+        checkpoint_dir=settings.checkpoint_dir,
+        checkpoint_every=settings.checkpoint_every,
+        resume=settings.resume,
     )
     yield Stage("exporting")
     return _export(mod, adata, settings)

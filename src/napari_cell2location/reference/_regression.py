@@ -217,6 +217,9 @@ class RegressionModel(PyroEstimator):
         num_particles: int = 1,
         device: str = "auto",
         seed: int | None = None,
+        checkpoint_dir=None,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
     ):
         """Train, yielding a :class:`~napari_cell2location.model.TrainStep` after every optimisation step.
 
@@ -239,6 +242,16 @@ class RegressionModel(PyroEstimator):
             'auto' (CUDA when present), 'cpu', or 'cuda[:n]'.
         seed : int, optional
             Seed of torch's and Pyro's random number generators and of the minibatch order.
+        checkpoint_dir : str or path, optional
+            Folder of a checkpoint (``checkpoint.pt``: guide, optimiser state, history, stopper, random
+            state), written every ``checkpoint_every`` epochs, at the end and on interruption, each
+            time atomically. A folder that holds one already is refused unless ``resume``.
+        checkpoint_every : int, optional
+            Epochs between checkpoints (default about every 100 optimiser steps).
+        resume : bool
+            Continue from ``checkpoint_dir``'s checkpoint (made on the same data with the same settings)
+            to ``max_epochs`` epochs in all, to the same result as an uninterrupted fit; a fresh fit
+            when there is none. A damaged or foreign checkpoint is an ``InputError``.
 
         Yields
         ------
@@ -252,6 +265,9 @@ class RegressionModel(PyroEstimator):
             num_particles=num_particles,
             device=device,
             seed=seed,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
         )
 
     def train(
@@ -271,7 +287,8 @@ class RegressionModel(PyroEstimator):
         progress_bar : bool
             Show a tqdm progress bar on stderr.
         **kwargs
-            ``device`` ('auto' | 'cpu' | 'cuda[:n]') and ``seed``.
+            ``device`` ('auto' | 'cpu' | 'cuda[:n]'), ``seed`` and ``checkpoint_dir`` /
+            ``checkpoint_every`` / ``resume`` (see :meth:`iter_train`).
         """
         args = {"max_epochs": max_epochs, "batch_size": batch_size, "train_size": train_size, "lr": lr}
         return self._train_to_end({**args, "num_particles": num_particles}, kwargs, progress_bar)
