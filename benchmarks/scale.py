@@ -33,23 +33,37 @@ import time
 import numpy as np
 
 
-def make_counts(n_spots: int, n_genes: int, n_types: int, seed: int = 0):
-    """Sparse (CSR) NB counts, generated in chunks of spots so memory stays small."""
+CHUNK = 5000  # spots generated at a time
+
+
+def make_counts(n_spots: int, n_genes: int, n_types: int, seed: int = 0, umis: float | None = None, part=None):
+    """Sparse (CSR) NB counts, generated in chunks of spots so memory stays small.
+
+    ``umis``: scale the expression so a spot holds about that many UMIs (Visium HD bins: ~100);
+    ``part`` (a slice of spots): only those spots, as the whole matrix would have them (each chunk
+    has its own random stream), so a process of a data-parallel run makes its shard alone.
+    """
     import pandas as pd
     from scipy import sparse
 
     rng = np.random.default_rng(seed)
     sig = rng.gamma(0.3, 1.0, size=(n_genes, n_types)) * 0.6  # counts per cell, sparse-ish signatures
+    scale = 0.3
+    if umis is not None:  # E[total] = scale * E[sum_f w_f] * mean signature total
+        scale = umis / (0.3 * 2.0 * 1.5 * float(sig.sum(0).sum()))
+    part = part or slice(0, n_spots)
     blocks = []
-    chunk = 20000
-    for start in range(0, n_spots, chunk):
-        n = min(chunk, n_spots - start)
-        present = rng.random((n, n_types)) < 0.3
-        w = rng.gamma(2.0, 1.5, size=(n, n_types)) * present
-        mu = (w @ sig.T) * 0.3
+    for start in range(part.start - part.start % CHUNK, part.stop, CHUNK):
+        n = min(CHUNK, n_spots - start)
+        crng = np.random.default_rng([seed, start])
+        present = crng.random((n, n_types)) < 0.3
+        w = crng.gamma(2.0, 1.5, size=(n, n_types)) * present
+        mu = (w @ sig.T) * scale
         alpha = 10.0
-        counts = rng.poisson(rng.gamma(alpha, mu / alpha)).astype(np.float32)
-        blocks.append(sparse.csr_matrix(counts))
+        counts = crng.poisson(crng.gamma(alpha, mu / alpha)).astype(np.float32)
+        lo, hi = max(part.start - start, 0), min(part.stop - start, n)
+        blocks.append(sparse.csr_matrix(counts[lo:hi]))
+        del counts, mu
     X = sparse.vstack(blocks, format="csr")
     genes = [f"g{i}" for i in range(n_genes)]
     return X, pd.DataFrame(sig, index=genes, columns=[f"T{f}" for f in range(n_types)]), genes
@@ -81,29 +95,40 @@ class PeakRSS:
 
 
 def one_size(args) -> dict:
+    """One size in this process (or, under torchrun, this process's shard of it): the figures as a dict."""
     import anndata
     import torch
 
-    from napari_cell2location import Cell2location
+    from napari_cell2location.model import DataParallel, FitSettings, build_model
+    from napari_cell2location.model._parallel import shard_model
 
     torch.set_num_threads(args.threads)
+    parallel = DataParallel.from_env(args.device)
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    X, sig, genes = make_counts(args.one, args.genes, args.types)
+    part = parallel.shard(args.one)
+    X, sig, genes = make_counts(args.one, args.genes, args.types, umis=args.umis, part=part)
     adata = anndata.AnnData(X)
     adata.var_names = genes
-    adata.obs_names = [f"s{i}" for i in range(adata.n_obs)]
+    adata.obs_names = [f"s{i}" for i in range(part.start, part.stop)]
     density = X.nnz / (X.shape[0] * X.shape[1])
+    umis = float(X.sum()) / X.shape[0]
     gc.collect()
     rss_data = _rss_mb()
     with PeakRSS() as fit_rss:
-        mod = Cell2location(adata, sig, N_cells_per_location=3.0)
+        settings = FitSettings(n_cells_per_location=3.0)
+        if parallel.active:
+            mod = shard_model(adata, sig, settings, parallel)
+        else:
+            mod = build_model(adata, sig, settings)
         mod.pyro_elbo = args.pyro_elbo
         t = time.perf_counter()
         steps = 0
         batch_size = None if args.full else args.batch_size
-        for _ in mod.iter_train(max_epochs=args.epochs, batch_size=batch_size, device=args.device, seed=0):
+        for _ in mod.iter_train(
+            max_epochs=args.epochs, batch_size=batch_size, device=args.device, seed=0, parallel=parallel
+        ):
             steps += 1
             if steps == 1:
                 if cuda:
@@ -119,9 +144,11 @@ def one_size(args) -> dict:
         )
         export_s = time.perf_counter() - t
     n_params = sum(p.numel() for p in mod.guide.parameters())
-    return {
+    figures = {
         "spots": args.one,
+        "processes": parallel.world_size,
         "density": density,
+        "umis": umis,
         "s_per_epoch": train_s / args.epochs,
         "s_per_step": later_s / (steps - 1) if steps > 1 else train_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -131,6 +158,16 @@ def one_size(args) -> dict:
         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "export_s": export_s,
     }
+    ranks = parallel.gather(figures)
+    parallel.close()
+    if ranks is None:
+        return None
+    # the run's figures: the slowest process's times, the largest process's memory
+    out = dict(ranks[0])
+    for key in ("s_per_epoch", "s_per_step", "export_s", "peak_rss_mb", "rss_after_data_mb", "fit_peak_rss_mb"):
+        out[key] = max(r[key] for r in ranks)
+    out["params_mb"] = ranks[0]["params_mb"]
+    return out
 
 
 def main():
@@ -144,10 +181,19 @@ def main():
     p.add_argument("--full", action="store_true", help="full-data training (one step per epoch)")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:n]'")
     p.add_argument("--pyro-elbo", action="store_true", help="train through Pyro's Trace_ELBO (the reference path)")
+    p.add_argument("--umis", type=float, default=None, help="UMIs per spot (default: as the expression gives)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="also run each size data-parallel over this many processes (torchrun, gloo) beside one process",
+    )
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one is not None:
-        print(json.dumps(one_size(args)))
+        figures = one_size(args)
+        if figures is not None:  # rank 0 (or the only process)
+            print(json.dumps(figures))
         return
     if args.device.startswith("cuda"):
         import torch
@@ -159,42 +205,39 @@ def main():
     elbo = "Pyro Trace_ELBO" if args.pyro_elbo else "fused ELBO"
     print(f"{mode}, {args.genes} genes, {args.types} types, {args.threads} threads, device {args.device}, {elbo}")
     print(
-        f"{'spots':>8} {'nnz %':>6} {'s/epoch':>9} {'s/step':>7} {'export s':>9} {'data MB':>8} "
-        f"{'fit peak MB':>11} {'fit - data':>10} {'params MB':>9} {'process peak MB':>15} {'GPU peak MB':>11}"
+        f"{'spots':>8} {'procs':>5} {'nnz %':>6} {'UMIs':>6} {'s/epoch':>9} {'s/step':>7} {'export s':>9} "
+        f"{'data MB':>8} {'fit peak MB':>11} {'fit - data':>10} {'params MB':>9} {'process peak MB':>15} "
+        f"{'GPU peak MB':>11}"
     )
     for n in args.spots:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one",
-            str(n),
-            "--genes",
-            str(args.genes),
-            "--types",
-            str(args.types),
-            "--batch-size",
-            str(args.batch_size),
-            "--epochs",
-            str(args.epochs),
-            "--threads",
-            str(args.threads),
-            "--device",
-            args.device,
-            *(["--full"] if args.full else []),
-            *(["--pyro-elbo"] if args.pyro_elbo else []),
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{n:>8} failed: {res.stderr[-400:]}")
-            continue
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(
-            f"{n:>8} {100 * r['density']:6.1f} {r['s_per_epoch']:9.1f} {r['s_per_step']:7.3f} {r['export_s']:9.1f} "
-            f"{r['rss_after_data_mb']:8.0f} {r['fit_peak_rss_mb']:11.0f} "
-            f"{r['fit_peak_rss_mb'] - r['rss_after_data_mb']:10.0f} {r['params_mb']:9.0f} {r['peak_rss_mb']:15.0f} "
-            f"{r['gpu_peak_mb'] or float('nan'):11.0f}",
-            flush=True,
-        )
+        for procs in sorted({1, args.nproc}):
+            threads = max(1, args.threads // procs)  # the same cores in all
+            cmd = [
+                *([sys.executable] if procs == 1 else _torchrun(procs)),
+                __file__,
+                *("--one", str(n), "--genes", str(args.genes), "--types", str(args.types)),
+                *("--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--threads", str(threads)),
+                *("--device", args.device),
+                *(["--umis", str(args.umis)] if args.umis else []),
+                *(["--full"] if args.full else []),
+                *(["--pyro-elbo"] if args.pyro_elbo else []),
+            ]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{n:>8} {procs:>5} failed: {res.stderr[-600:]}")
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            print(
+                f"{n:>8} {procs:>5} {100 * r['density']:6.1f} {r['umis']:6.0f} {r['s_per_epoch']:9.1f} "
+                f"{r['s_per_step']:7.3f} {r['export_s']:9.1f} {r['rss_after_data_mb']:8.0f} "
+                f"{r['fit_peak_rss_mb']:11.0f} {r['fit_peak_rss_mb'] - r['rss_after_data_mb']:10.0f} "
+                f"{r['params_mb']:9.0f} {r['peak_rss_mb']:15.0f} {r['gpu_peak_mb'] or float('nan'):11.0f}",
+                flush=True,
+            )
+
+
+def _torchrun(procs: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
 
 
 if __name__ == "__main__":

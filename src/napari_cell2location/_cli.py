@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fit(adata, signatures, args, batch_key):
-    """The fit pipeline with the command line's settings; returns its FitResult."""
+def _fit(adata, signatures, args, batch_key, parallel=None):
+    """The fit pipeline with the command line's settings (one process of a data-parallel fit when
+    ``parallel`` is active); returns its FitResult."""
     from .model import FitSettings, fit
 
     settings = FitSettings(
@@ -171,26 +172,48 @@ def _fit(adata, signatures, args, batch_key):
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
     )
-    return fit(adata, signatures, settings, progress_bar=not args.quiet)
+    quiet = args.quiet or (parallel is not None and not parallel.is_main)
+    return fit(adata, signatures, settings, progress_bar=not quiet, parallel=parallel)
 
 
 def cmd_fit(args) -> int:
+    from .model import DataParallel
+
+    parallel = DataParallel.from_env(args.device)  # under torchrun: this process's rank; else one process
+    try:
+        return _cmd_fit(args, parallel)
+    finally:
+        parallel.close()
+
+
+def _cmd_fit(args, parallel) -> int:
     from .io import check_writable, read_signatures, read_spatial, write_results
+
+    if not parallel.is_main:  # rank 0 reports and writes
+        logging.getLogger("napari_cell2location").setLevel(logging.WARNING)
 
     out = Path(args.out)
     if out.suffix.lower() not in (".h5ad", ".zarr"):
         raise CLIError(f"--out must end in .h5ad or .zarr, got {args.out!r}")
     check_writable(out, "--out")  # now, not after a long fit
     if args.save_model:
+        if parallel.active:
+            raise CLIError(
+                "--save-model needs a single process: each process of a data-parallel fit holds only its own "
+                "spots' parameters (the results file has all of them)"
+            )
         check_writable(Path(args.save_model) / "attr.json", "--save-model folder")
     adata, sdata = read_spatial(args.spatial, table_key=args.table_key, bin_size=args.bin_size)
     signatures = read_signatures(args.signatures)
-    mod = _fit(adata, signatures, args, args.batch_key).model
+    mod = _fit(adata, signatures, args, args.batch_key, parallel).model
+    if not parallel.is_main:
+        return 0
     write_results(adata, out, sdata=sdata)
     if args.save_model:
         mod.save(args.save_model, overwrite=True)
+    processes = f", {parallel.world_size} processes" if parallel.active else ""
     print(
-        f"wrote {out} ({adata.n_obs} spots x {mod.n_factors} cell types; obsm: "
+        f"wrote {out} ({adata.n_obs} spots x {mod.n_factors} cell types{processes}; obsm: "
         f"{', '.join(k for k in adata.obsm if k.endswith('_cell_abundance_w_sf'))})"
     )
     return 0

@@ -4,6 +4,7 @@
   :class:`~napari_cell2location.reference.RegressionModel` (guide set-up, training, posterior
   summaries, export, plots, saving and loading);
 * the training loop (:func:`svi_steps`, :class:`TrainStep`, :class:`ConvergenceStopper`, :func:`consume`);
+* data-parallel training over processes (:class:`DataParallel`, ``torchrun``);
 * posterior summaries of the guide (:class:`GuideSummary`, :class:`DrawSummaries`);
 * model building blocks shared by both models: :class:`Site` generators and the additive background
   (:func:`gene_background_sites`), and the negative binomial count likelihood.
@@ -13,6 +14,7 @@ the other's private modules.
 """
 
 from ._device import cpu_threads, describe_device, json_ready, resolve_device, to_numpy
+from ._distributed import DataParallel
 from ._estimator import PyroEstimator, aligned_order, register_fields
 from ._likelihood import MAX_ALPHA, CountsPattern, NegativeBinomialCounts, nb_log_likelihood, overdispersion
 from ._posterior import (
@@ -44,6 +46,7 @@ __all__ = [
     "AnswerStopper",
     "ConvergenceStopper",
     "CountsPattern",
+    "DataParallel",
     "DrawSummaries",
     "GuideSummary",
     "NegativeBinomialCounts",

@@ -186,6 +186,7 @@ class PyroEstimator(PosteriorMixin):
         stopper=None,
         make_loss=None,
         before_setup=None,
+        parallel=None,
         checkpoint_dir=None,
         checkpoint_every: int | None = None,
         resume: bool = False,
@@ -200,9 +201,27 @@ class PyroEstimator(PosteriorMixin):
         With ``checkpoint_dir`` a :class:`~napari_cell2location._infer._checkpoint.Checkpointer` writes
         the run's state there every ``checkpoint_every`` epochs; with ``resume`` the run continues from
         the checkpoint there (to ``max_epochs`` in all), as the uninterrupted run would have.
+
+        With an active ``parallel`` (:class:`~napari_cell2location._infer._distributed.DataParallel`)
+        this process trains its shard: ``batch_size`` is the total over the processes, the global
+        parameters start from rank 0's and their gradients are summed over the processes each step.
         """
         check_training_args(max_epochs, batch_size, train_size, lr, num_particles)
         dev = resolve_device(device)
+        n_steps = None
+        if parallel is not None and parallel.active:
+            dev = parallel.device(dev)
+            (n_total,) = parallel.sum(self.n_obs)
+            n_steps = parallel.steps_per_epoch(int(n_total), batch_size)
+            if n_steps is not None and n_steps > self.n_obs:
+                raise InputError(
+                    f"batch size {batch_size} over {int(n_total)} spots makes {n_steps} steps per epoch, more "
+                    f"than the {self.n_obs} spots of process {parallel.rank}; use a larger batch size."
+                )
+            if n_steps is None:
+                batch_size = None  # every process trains on its whole shard
+        else:
+            parallel = None
         if seed is not None:
             pyro.set_rng_seed(int(seed))
         if resume and checkpoint_dir is None:
@@ -212,12 +231,18 @@ class PyroEstimator(PosteriorMixin):
             before_setup(dev)
         self._ensure_guide(dev)
         self._bound_guide_scales()  # also parameters set or loaded from elsewhere
+        reduce = None
+        if parallel is not None:
+            shared = self._global_parameters()
+            parallel.broadcast_(shared)
+            reduce = lambda loss: parallel.reduce_gradients(shared, loss)  # noqa: E731
+            logger.info("process %d of %d: %d spots", parallel.rank, parallel.world_size, self.n_obs)
         logger.info("%s on %s", self._PROGRESS, describe_device(dev))
         batches, steps_per_epoch = epoch_batches(
-            self.n_obs, batch_size, lambda ind: self._batch_args(ind, dev), lambda: self._full_args(dev), seed
+            self.n_obs, batch_size, lambda ind: self._batch_args(ind, dev), lambda: self._full_args(dev), seed, n_steps
         )
         if hasattr(stopper, "bind"):
-            stopper.bind(self._answer, lr, steps_per_epoch)
+            stopper.bind(self._answer, lr, steps_per_epoch, total=None if parallel is None else parallel.sum)
         loss_fn = None if make_loss is None else make_loss()
         optim_state = None
         if ckpt is not None:  # resumed: the checkpoint's parameters, history, stopper and random state
@@ -245,12 +270,27 @@ class PyroEstimator(PosteriorMixin):
                 nan_hint=self._NAN_HINT,
                 loss_fn=loss_fn,
                 after_step=self._bound_guide_scales,
+                reduce=reduce,
                 optim_state=optim_state,
                 on_epoch_end=None if ckpt is None else ckpt.epoch_end,
             )
         finally:  # also when closed early (a GUI's cancel): record whether any epoch ran
             self.is_trained_ = self.is_trained_ or len(self._history) > n_before
             self._summary = None
+
+    def _local_sites(self) -> set[str]:
+        """Latent sites in the observation plate (one value per observation), from the guide's trace."""
+        nodes = self.guide.prototype_trace.nodes
+        return {n for n, s in nodes.items() if s["type"] == "sample" and not s["is_observed"] and s["cond_indep_stack"]}
+
+    def _global_parameters(self) -> list[torch.Tensor]:
+        """The guide's parameters of the global sites (those a data-parallel fit replicates)."""
+        local = self._local_sites()
+        return [
+            p
+            for name, p in self.guide.named_parameters()
+            if name.split(".", 1)[-1].removesuffix("_unconstrained") not in local
+        ]
 
     @torch.no_grad()
     def _answer(self) -> torch.Tensor:

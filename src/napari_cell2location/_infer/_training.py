@@ -127,11 +127,14 @@ class AnswerStopper:
         self._previous = None
         self._epochs = 0
         self._strikes = 0
+        self._total = None
 
-    def bind(self, answer, lr: float, steps_per_epoch: int = 1) -> AnswerStopper:
+    def bind(self, answer, lr: float, steps_per_epoch: int = 1, total=None) -> AnswerStopper:
         """Attach to a training run: ``answer()`` returns the current answer (array or tensor); the
-        run takes ``steps_per_epoch`` optimiser steps per epoch at learning rate ``lr``."""
+        run takes ``steps_per_epoch`` optimiser steps per epoch at learning rate ``lr``. ``total(*numbers)``
+        sums numbers over the processes of a data-parallel fit (each holds part of the answer)."""
         self.answer, self.travel = answer, float(lr) * int(steps_per_epoch) * self.window
+        self._total = total
         return self
 
     @property
@@ -159,7 +162,10 @@ class AnswerStopper:
             return False
         mean, self._sum = self._sum / self.window, None
         if self._previous is not None:
-            change = float((mean - self._previous).abs().sum() / mean.abs().sum().clamp_min(1e-300))
+            moved, size = float((mean - self._previous).abs().sum()), float(mean.abs().sum())
+            if self._total is not None:  # the whole answer's, over the processes of a data-parallel fit
+                moved, size = self._total(moved, size)
+            change = moved / max(size, 1e-300)
             self.speeds.append(change / self.travel)
             self._strikes = self._strikes + 1 if self.speeds[-1] < self.tolerance else 0
         self._previous = mean
@@ -245,7 +251,9 @@ class Adam:
         self.t = int(state["t"])
 
 
-def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, make_full_args: Callable, seed=None):
+def epoch_batches(
+    n_obs: int, batch_size: int | None, make_args: Callable, make_full_args: Callable, seed=None, n_steps=None
+):
     """``batches(epoch)`` for :func:`svi_steps`, and the steps in one epoch: all observations at
     once, or shuffled minibatches.
 
@@ -262,12 +270,25 @@ def epoch_batches(n_obs: int, batch_size: int | None, make_args: Callable, make_
         minibatching).
     seed : int, optional
         Seed of the minibatch order.
+    n_steps : int, optional
+        Split each epoch into exactly this many minibatches instead (sizes differ by at most one):
+        the ranks of a data-parallel fit, each with its own share of the observations, step together.
 
     Returns
     -------
     (callable, int)
         ``batches`` and ``steps_per_epoch``.
     """
+    if n_steps is not None:
+        if not 1 <= int(n_steps) <= n_obs:
+            raise InputError(f"{n_obs} observations cannot make {n_steps} minibatches")
+        rng = np.random.default_rng(seed)
+
+        def split(epoch):
+            return (make_args(np.sort(part)) for part in np.array_split(rng.permutation(n_obs), n_steps))
+
+        split.rng = rng  # its state is the minibatch order to come
+        return split, int(n_steps)
     if batch_size is None or int(batch_size) >= n_obs:
         full_args = make_full_args()
         return (lambda epoch: [full_args]), 1
@@ -296,6 +317,7 @@ def svi_steps(
     nan_hint: str = "normalised or non-integer counts",
     loss_fn: Callable | None = None,
     after_step: Callable | None = None,
+    reduce: Callable | None = None,
     optim_state: dict | None = None,
     on_epoch_end: Callable | None = None,
 ) -> Iterator[TrainStep]:
@@ -326,6 +348,11 @@ def svi_steps(
         :class:`~napari_cell2location.model._elbo.MeanFieldELBO`); default: Pyro's ``Trace_ELBO``.
     after_step : callable, optional
         Called after every optimiser step (e.g. to keep parameters in bounds).
+    reduce : callable, optional
+        ``reduce(loss) -> float``, called after the backward pass, before the update: a
+        data-parallel fit sums the global parameters' gradients and the loss over its processes
+        (:meth:`~napari_cell2location._infer._distributed.DataParallel.reduce_gradients`); returns
+        the loss of the whole step, which the history records and the NaN check reads.
     optim_state : dict, optional
         :meth:`Adam.state_dict` to continue from (a resumed fit).
     on_epoch_end : callable, optional
@@ -366,13 +393,15 @@ def svi_steps(
                     loss = loss_fn(*args) * scale_elbo
                 value = float(loss.detach())
                 step += 1
+                optim.zero_grad()
+                loss.backward()
+                if reduce is not None:  # every process sees the same value, so all stop together
+                    value = reduce(value)
                 if not math.isfinite(value):  # before the update: the parameters stay as they were
                     raise FloatingPointError(
                         f"the loss became {value} at step {step}. Usual causes: {nan_hint}, "
                         f"or too high a learning rate (lr={lr})."
                     )
-                optim.zero_grad()
-                loss.backward()
                 optim.step()
                 if after_step is not None:
                     after_step()

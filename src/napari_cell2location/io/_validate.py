@@ -222,7 +222,7 @@ class PreparedInputs:
     report: dict = field(default_factory=dict)
 
 
-def batch_codes(adata, batch_key: str | None) -> tuple[np.ndarray, list]:
+def batch_codes(adata, batch_key: str | None, categories: list | None = None) -> tuple[np.ndarray, list]:
     """Integer batch code per observation and the batch names, checking ``batch_key``.
 
     Parameters
@@ -231,6 +231,9 @@ def batch_codes(adata, batch_key: str | None) -> tuple[np.ndarray, list]:
         Data with ``obs``.
     batch_key : str or None
         Column of ``adata.obs``; ``None`` puts every observation in one batch.
+    categories : list of str, optional
+        The batch names to code by (e.g. a whole section's, for a part of it that lacks some);
+        default: the values present, sorted.
 
     Returns
     -------
@@ -250,7 +253,9 @@ def batch_codes(adata, batch_key: str | None) -> tuple[np.ndarray, list]:
         raise InputError(
             f"adata.obs[{batch_key!r}] has {int(col.isna().sum())} missing values; give every observation a batch."
         )
-    cat = pd.Categorical(col.astype(str))
+    cat = pd.Categorical(col.astype(str), categories=None if categories is None else [str(c) for c in categories])
+    if (cat.codes < 0).any():
+        raise InputError(f"adata.obs[{batch_key!r}] has values outside the batches given ({preview(categories, 3)})")
     return np.asarray(cat.codes, dtype=np.int64), [str(c) for c in cat.categories]
 
 
@@ -348,6 +353,8 @@ def prepare_inputs(
     layer: str | None = None,
     batch_key: str | None = None,
     min_shared_genes: int = MIN_SHARED_GENES,
+    genes: list | None = None,
+    batch_names: list | None = None,
 ) -> PreparedInputs:
     """Validate spatial counts and signatures, intersect and order their genes.
 
@@ -366,6 +373,9 @@ def prepare_inputs(
         Column of ``adata.obs`` with the batch (section / sample) of each spot.
     min_shared_genes : int
         Refuse to fit with fewer usable genes than this.
+    genes, batch_names : list of str, optional
+        Use exactly these genes (in this order; none is dropped for having no counts here) and code
+        the batches by these names: a shard of a data-parallel fit takes the whole section's.
 
     Returns
     -------
@@ -373,12 +383,18 @@ def prepare_inputs(
     """
     obs_names, var_names = _check_table(adata)
     sig = validate_signatures(cell_state_df)
-    codes, names = batch_codes(adata, batch_key)
+    codes, names = batch_codes(adata, batch_key, batch_names)
 
     var_idx = _shared_genes(var_names, sig, min_shared_genes)
     n_shared = len(var_idx)
+    if genes is not None:
+        var_idx = var_names.get_indexer(pd.Index([str(g) for g in genes]))
+        if (var_idx < 0).any() or not pd.Index(genes).isin(sig.index).all():
+            raise InputError("the genes given are not all in both the spatial data and the signatures")
     X = _shared_counts(adata, layer, var_idx, obs_names, var_names)
-    X, var_idx, n_zero = _drop_zero_genes(X, var_idx, var_names, min_shared_genes)
+    n_zero = 0
+    if genes is None:
+        X, var_idx, n_zero = _drop_zero_genes(X, var_idx, var_names, min_shared_genes)
     kept = var_names[var_idx]
     logger.info(
         "genes: %d in spatial data, %d in signatures, %d shared, %d all-zero dropped, %d used",

@@ -3,7 +3,15 @@
 Built on the shared inference engine (:mod:`napari_cell2location._infer`). Imports no Qt and no napari.
 """
 
-from .._infer import AnswerStopper, ConvergenceStopper, NegativeBinomialCounts, Stage, TrainStep, resolve_device
+from .._infer import (
+    AnswerStopper,
+    ConvergenceStopper,
+    DataParallel,
+    NegativeBinomialCounts,
+    Stage,
+    TrainStep,
+    resolve_device,
+)
 from .._variants import ModelVariant
 from ._cell2location import Cell2location
 from ._modules import (
@@ -23,6 +31,7 @@ __all__ = [
     "Cell2location",
     "Cell2locationModule",
     "ConvergenceStopper",
+    "DataParallel",
     "FitResult",
     "FitSettings",
     "LocationModelLinearDependentWMultiExperimentLocationBackgroundNormLevelGeneAlphaPyroModel",

@@ -23,6 +23,7 @@ from .._contract import abundance_column, abundance_key
 from .._infer import (
     AnswerStopper,
     ConvergenceStopper,
+    DataParallel,
     PyroEstimator,
     aligned_order,
     json_ready,
@@ -128,13 +129,21 @@ class Cell2location(PyroEstimator):
         model_class = variant.module_class
         kwargs = dict(kwargs)
         min_shared_genes = int(kwargs.pop("min_shared_genes", MIN_SHARED_GENES))
+        # a data-parallel shard takes the whole section's genes and batches
+        genes, batch_names = kwargs.pop("genes", None), kwargs.pop("batch_names", None)
         sig = inspect.signature(model_class.__init__)
         unknown = [k for k in kwargs if k not in sig.parameters]
         if unknown:
             raise InputError(f"unknown model arguments {unknown} for {model_class.__name__}")
         self.layer, self.batch_key = setup.get("layer"), setup.get("batch_key")
         prep = prepare_inputs(
-            adata, cell_state_df, layer=self.layer, batch_key=self.batch_key, min_shared_genes=min_shared_genes
+            adata,
+            cell_state_df,
+            layer=self.layer,
+            batch_key=self.batch_key,
+            min_shared_genes=min_shared_genes,
+            genes=genes,
+            batch_names=batch_names,
         )
         self.adata = adata
         self.X = prep.X
@@ -273,6 +282,7 @@ class Cell2location(PyroEstimator):
         seed: int | None = None,
         init: str | None = None,
         early_stopping: bool | AnswerStopper | ConvergenceStopper | None = None,
+        parallel: DataParallel | None = None,
         checkpoint_dir=None,
         checkpoint_every: int | None = None,
         resume: bool = False,
@@ -320,6 +330,11 @@ class Cell2location(PyroEstimator):
             Stop when the answer has converged (True: an ``AnswerStopper`` with its defaults; or the
             stopper given, e.g. ``AnswerStopper(tolerance=0.005)`` to train further); default True
             with ``max_epochs=None``, else False.
+        parallel : DataParallel, optional
+            This process's place in a data-parallel fit (``DataParallel.from_env()`` under ``torchrun``):
+            the model holds this process's shard of the spots, ``batch_size`` is the total over the
+            processes, and the global parameters are kept equal on all of them. Usually reached
+            through :func:`~napari_cell2location.model.iter_fit`, which makes the shards.
         checkpoint_dir : str or path, optional
             Folder of a checkpoint (``checkpoint.pt``: guide, optimiser state, history, stopper, random
             state), written every ``checkpoint_every`` epochs, at the end and on interruption, each
@@ -344,6 +359,9 @@ class Cell2location(PyroEstimator):
         if not isinstance(early_stopping, AnswerStopper | ConvergenceStopper):
             early_stopping = AnswerStopper() if early_stopping else None
         analytic = auto  # the original's schedule keeps the original's estimator, draw for draw
+        world = parallel.world_size if parallel is not None else 1
+        if world > 1 and self.pyro_elbo:
+            raise InputError("a data-parallel fit needs the fused ELBO (pyro_elbo=False)")
         yield from self._svi(
             max_epochs=AUTO_MAX_EPOCHS if auto else max_epochs,
             batch_size=batch_size,
@@ -356,8 +374,11 @@ class Cell2location(PyroEstimator):
             stopper=early_stopping,
             make_loss=None
             if self.pyro_elbo
-            else lambda: MeanFieldELBO(self.module, self.guide, num_particles, analytic=analytic),
+            else lambda: MeanFieldELBO(
+                self.module, self.guide, num_particles, analytic=analytic, global_weight=1 / world
+            ),
             before_setup=self._set_nnls_init if init == "nnls" else None,
+            parallel=parallel,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             resume=resume,

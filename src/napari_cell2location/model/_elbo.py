@@ -47,15 +47,21 @@ class MeanFieldELBO:
         Its guide, already set up (``prototype_trace`` present).
     num_particles : int
         Draws averaged per step.
+    analytic : bool
+        Exact expectations of each site's own prior and entropy terms (see the module docstring).
+    global_weight : float
+        Weight of the global sites' terms: 1 / N in each of N processes of a data-parallel fit, whose
+        losses then sum to one process's (``_infer/_distributed.py``).
     """
 
-    def __init__(self, module, guide, num_particles: int = 1, analytic: bool = False):
+    def __init__(self, module, guide, num_particles: int = 1, analytic: bool = False, global_weight: float = 1.0):
         if guide.prototype_trace is None:
             raise RuntimeError("set the guide up before building its ELBO")
         self.module = module
         self.guide = guide
         self.num_particles = int(num_particles)
         self.analytic = bool(analytic)
+        self.global_weight = float(global_weight)
 
     def _loc_and_raw_scale(self, name):
         """The guide's loc and unconstrained scale of a site (plain leaf tensors, no transforms)."""
@@ -122,4 +128,4 @@ class MeanFieldELBO:
             raise ValueError("the ELBO needs the counts")
         with pyro.validation_enabled(False):
             loglik = module.log_likelihood(values, x_data, idx, batch)
-        return global_sum + plate_scale * (local_sum + loglik)
+        return self.global_weight * global_sum + plate_scale * (local_sum + loglik)

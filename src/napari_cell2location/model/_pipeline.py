@@ -18,9 +18,11 @@ import numpy as np
 import pandas as pd
 
 from .._contract import EXPORTED_SUMMARIES, QC_KEY
-from .._infer import AnswerStopper, Stage, consume
+from .._infer import AnswerStopper, DataParallel, Stage, consume
 from .._variants import ModelVariant
+from ..io import InputError
 from ._cell2location import Cell2location
+from ._parallel import iter_fit_parallel
 from ._qc import model_qc
 
 logger = logging.getLogger(__name__)
@@ -114,11 +116,12 @@ class FitResult:
     qc: pd.DataFrame
 
 
-def build_model(adata, signatures: pd.DataFrame, settings: FitSettings) -> Cell2location:
+def build_model(adata, signatures: pd.DataFrame, settings: FitSettings, **model_kwargs) -> Cell2location:
     """Register ``adata`` and build the model the settings describe (inputs are validated here).
 
     Per-spot ``n_cells_per_location`` (counted on the histology; an array in spot order or a Series by
     spot name) is the prior of each spot's total and is also observed as nuclei counts.
+    ``model_kwargs`` go to the model (e.g. ``detection_mean``).
     """
     Cell2location.setup_anndata(adata, batch_key=settings.batch_key, layer=settings.layer)
     n_cells = settings.n_cells_per_location  # per spot: an array in spot order, or a Series by spot name
@@ -129,10 +132,12 @@ def build_model(adata, signatures: pd.DataFrame, settings: FitSettings) -> Cell2
         N_cells_per_location=n_cells,
         detection_alpha=settings.detection_alpha,
         nuclei_counts=n_cells if settings.per_spot else None,
+        **model_kwargs,
     )
 
 
-def _export(mod: Cell2location, adata, settings: FitSettings) -> FitResult:
+def export_fit(mod: Cell2location, adata, settings: FitSettings) -> FitResult:
+    """Export the trained ``mod``'s posterior into ``adata`` (the settings' summaries) with its per-spot QC."""
     sample_kwargs = {"batch_size": settings.export_batch_size}
     if not settings.use_quantiles:
         sample_kwargs["num_samples"] = settings.num_samples
@@ -145,7 +150,13 @@ def _export(mod: Cell2location, adata, settings: FitSettings) -> FitResult:
     return FitResult(mod, qc)
 
 
-def iter_fit(adata, signatures: pd.DataFrame, settings: FitSettings | None = None, **changes):
+def iter_fit(
+    adata,
+    signatures: pd.DataFrame,
+    settings: FitSettings | None = None,
+    parallel: DataParallel | None = None,
+    **changes,
+):
     """Fit Cell2location to ``adata`` and export the posterior into it, as a generator.
 
     Parameters
@@ -156,6 +167,11 @@ def iter_fit(adata, signatures: pd.DataFrame, settings: FitSettings | None = Non
         Reference signatures, genes x cell types.
     settings : FitSettings, optional
         Default ``FitSettings()``; ``changes`` replace some of its fields.
+    parallel : DataParallel, optional
+        This process's place in a data-parallel fit (``DataParallel.from_env()`` under ``torchrun``):
+        each process is given the whole section and trains its shard of the spots; ``batch_size``
+        is the total over the processes. Rank 0's ``adata`` receives the whole section's results
+        (and its FitResult the QC of every spot); the other ranks' ``adata`` is left as it was.
 
     Yields
     ------
@@ -169,11 +185,15 @@ def iter_fit(adata, signatures: pd.DataFrame, settings: FitSettings | None = Non
         The generator's return value (``StopIteration.value``; :func:`fit` returns it).
     """
     settings = replace(settings or FitSettings(), **changes)
-    mod = build_model(adata, signatures, settings)
-    yield Stage("model", mod)
     stopper = None
     if settings.max_epochs is None and settings.tolerance is not None:
         stopper = AnswerStopper(tolerance=settings.tolerance)
+    if parallel is not None and parallel.active and settings.checkpoint_dir is not None:
+        raise InputError("checkpoints are not supported in a data-parallel fit yet; leave the checkpoint folder out")
+    if parallel is not None and parallel.active:
+        return (yield from iter_fit_parallel(adata, signatures, settings, parallel, stopper))
+    mod = build_model(adata, signatures, settings)
+    yield Stage("model", mod)
     yield from mod.iter_train(
         max_epochs=settings.max_epochs,
         batch_size=settings.batch_size,
@@ -186,7 +206,7 @@ def iter_fit(adata, signatures: pd.DataFrame, settings: FitSettings | None = Non
         resume=settings.resume,
     )
     yield Stage("exporting")
-    return _export(mod, adata, settings)
+    return export_fit(mod, adata, settings)
 
 
 def iter_load_fit(adata, path, settings: FitSettings | None = None, **changes):
@@ -199,9 +219,16 @@ def iter_load_fit(adata, path, settings: FitSettings | None = None, **changes):
     mod = Cell2location.load(path, adata, device=settings.device)
     yield Stage("model", mod)
     yield Stage("exporting")
-    return _export(mod, adata, settings)
+    return export_fit(mod, adata, settings)
 
 
-def fit(adata, signatures: pd.DataFrame, settings: FitSettings | None = None, progress_bar: bool = True, **changes):
+def fit(
+    adata,
+    signatures: pd.DataFrame,
+    settings: FitSettings | None = None,
+    progress_bar: bool = True,
+    parallel: DataParallel | None = None,
+    **changes,
+):
     """:func:`iter_fit` run to the end (a tqdm bar on stderr when ``progress_bar``); returns its FitResult."""
-    return consume(iter_fit(adata, signatures, settings, **changes), progress_bar, "training")
+    return consume(iter_fit(adata, signatures, settings, parallel, **changes), progress_bar, "training")

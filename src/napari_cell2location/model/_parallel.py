@@ -1,0 +1,112 @@
+"""The fit pipeline over the processes of a data-parallel fit (``torchrun``; see ``_infer/_distributed.py``).
+
+Every process is given the whole section and keeps its shard of the spots (a contiguous block);
+the model of each shard is built with the prior the whole section gives (detection_mean), trained
+with the global parameters kept equal across processes, and exported on its own spots. Rank 0 then
+gathers the exports into the section, in spot order: the per-spot summaries (obsm, the per-spot
+arrays of ``uns['mod']``, the QC) are concatenated, the global ones are the same on every process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from .._contract import QC_KEY, abundance_key
+from .._infer import DataParallel, Stage
+from ..io import InputError
+from ._cell2location import Cell2location
+
+logger = logging.getLogger(__name__)
+
+
+def _shard_settings(settings, part: slice, n_obs: int):
+    """The settings of one shard: per-spot N in spot order is cut to the shard (by name: kept whole)."""
+    n_cells = settings.n_cells_per_location
+    if np.ndim(n_cells) == 1 and not isinstance(n_cells, pd.Series):
+        n_cells = np.asarray(n_cells)
+        if len(n_cells) != n_obs:
+            raise InputError(f"n_cells_per_location has {len(n_cells)} values for {n_obs} spots")
+        n_cells = n_cells[part]
+    return replace(settings, n_cells_per_location=n_cells)
+
+
+def _section_inputs(mod: Cell2location, parallel: DataParallel) -> dict:
+    """What the whole section gives every shard's model: its genes (those with counts anywhere, in the
+    data's order), its batches, and detection_mean (a mean over spots: shards weighted by size)."""
+    local = mod.model_kwargs["detection_mean"]
+    if np.ndim(local):
+        raise InputError("a data-parallel fit takes one detection_mean for all sections (not per sample)")
+    parts = parallel.all_gather((list(mod.var_names), list(mod.batch_names), float(local), mod.n_obs))
+    order = {g: i for i, g in enumerate(mod.adata.var_names.astype(str))}
+    genes = sorted(set().union(*(p[0] for p in parts)), key=order.__getitem__)
+    batches = sorted(set().union(*(p[1] for p in parts)))
+    detection = sum(p[2] * p[3] for p in parts) / sum(p[3] for p in parts)
+    return {"genes": genes, "batch_names": batches, "detection_mean": detection}
+
+
+def shard_model(local, signatures: pd.DataFrame, settings, parallel: DataParallel) -> Cell2location:
+    """The model of this process's shard ``local`` (its spots only; every process calls this together),
+    built with what the whole section gives it: its genes, batches and detection_mean.
+
+    For callers that hold only their shard (never the whole section), e.g. ``benchmarks/scale.py``.
+    """
+    from ._pipeline import build_model  # the single-process pipeline's (which imports this module)
+
+    mod = build_model(local, signatures, settings)
+    return build_model(local, signatures, settings, **_section_inputs(mod, parallel))
+
+
+def _merge_uns(parts: list[dict], local_sites: set[str]) -> dict:
+    """``uns['mod']`` of the whole section from each shard's: per-spot arrays joined in rank order."""
+    out = dict(parts[0])
+    out["obs_names"] = np.concatenate([p["obs_names"] for p in parts])
+    for key, value in parts[0].items():
+        if not (key.startswith("post_sample_") and isinstance(value, dict)):
+            continue
+        merged = {}
+        for site in value:
+            arrays = [np.asarray(p[key][site]) for p in parts]
+            same = all(a.shape == arrays[0].shape and np.array_equal(a, arrays[0]) for a in arrays[1:])
+            merged[site] = np.concatenate(arrays) if site in local_sites or not same else arrays[0]
+        out[key] = merged
+    return out
+
+
+def iter_fit_parallel(adata, signatures: pd.DataFrame, settings, parallel: DataParallel, stopper):
+    """:func:`~napari_cell2location.model.iter_fit` as one process of a data-parallel fit.
+
+    ``stopper`` is the fast mode's (or None). Returns a FitResult: on rank 0
+    with the whole section's exports written into ``adata`` and the QC of every spot; elsewhere that
+    of the shard (``adata`` is left as it was).
+    """
+    Cell2location.setup_anndata(adata, batch_key=settings.batch_key, layer=settings.layer)
+    part = parallel.shard(adata.n_obs)
+    local = adata[part].copy()
+    mod = shard_model(local, signatures, _shard_settings(settings, part, adata.n_obs), parallel)
+    yield Stage("model", mod)
+    yield from mod.iter_train(
+        max_epochs=settings.max_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        device=settings.device,
+        seed=settings.seed,
+        early_stopping=stopper,
+        parallel=parallel,
+    )
+    yield Stage("exporting")
+    from ._pipeline import export_fit
+
+    result = export_fit(mod, local, settings)
+    keys = [abundance_key(k) for k in settings.summaries] + [QC_KEY]
+    parts = parallel.gather(({k: local.obsm[k] for k in keys}, local.uns["mod"], result.qc))
+    if parts is None:
+        return result
+    for k in keys:
+        adata.obsm[k] = pd.concat([p[0][k] for p in parts]).set_axis(adata.obs_names, axis=0)
+    adata.uns["mod"] = _merge_uns([p[1] for p in parts], mod._local_sites())
+    logger.info("gathered the exports of %d processes (%d spots)", parallel.world_size, adata.n_obs)
+    return type(result)(mod, pd.concat([p[2] for p in parts], ignore_index=True))

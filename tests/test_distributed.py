@@ -1,0 +1,157 @@
+"""Data-parallel training (``torchrun``, gloo on CPU): the objective splits exactly over shards, and two
+processes give the same answer as one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anndata
+import numpy as np
+import pytest
+import torch
+
+from napari_cell2location.datasets import synthetic_visium
+from napari_cell2location.io import InputError
+from napari_cell2location.model import DataParallel, FitSettings, build_model
+from napari_cell2location.model._elbo import MeanFieldELBO
+from napari_cell2location.model._parallel import _merge_uns
+
+CPU = torch.device("cpu")
+
+
+def test_single_process_layout():
+    one = DataParallel()
+    assert not one.active and one.is_main
+    assert one.shard(7) == slice(0, 7)
+    assert one.sum(1.5, 2) == (1.5, 2.0)
+    assert one.gather("x") == ["x"]
+    # shards of 3 processes cover every spot once, in order, sizes within one
+    parts = [DataParallel(r, 3).shard(10) for r in range(3)]
+    assert [p.start for p in parts] == [0, 3, 7] and [p.stop for p in parts] == [3, 7, 10]
+    assert DataParallel(0, 2).steps_per_epoch(1000, 300) == 4 and DataParallel(0, 2).steps_per_epoch(1000, None) is None
+    with pytest.raises(InputError, match="cannot be shared by 4 processes"):
+        DataParallel(0, 4).shard(3)
+
+
+def test_from_env_without_torchrun_is_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not DataParallel.from_env("cpu").active
+
+
+def _unconstrained_draws(mod, rng):
+    """A draw u of every site around the guide's loc (site name -> tensor)."""
+    out = {}
+    for name, loc in mod.guide.locs.named_parameters():
+        site = name.removesuffix("_unconstrained")
+        out[site] = (loc + 0.3 * torch.as_tensor(rng.standard_normal(tuple(loc.shape)), dtype=loc.dtype)).detach()
+    return out
+
+
+def test_the_loss_and_gradients_split_exactly_over_shards():
+    """Two shards, each with the global terms weighted 1/2, sum to the whole section's loss and global
+    gradients for the same draws; local gradients are the whole section's rows."""
+    syn = synthetic_visium(n_spots=60, n_genes=80, n_cell_types=4, seed=0)
+    settings = FitSettings(batch_key="batch")
+    full = build_model(syn.adata.copy(), syn.signatures, settings)
+    section = {"detection_mean": full.model_kwargs["detection_mean"], "genes": list(full.var_names)}
+    section["batch_names"] = list(full.batch_names)
+    parts = [slice(0, 25), slice(25, 60)]  # the first shard has spots of one batch only
+    shards = [build_model(syn.adata[p].copy(), syn.signatures, settings, **section) for p in parts]
+    assert [m.n_batch for m in shards] == [2, 2] and all(m.n_vars == full.n_vars for m in shards)
+    for mod in (full, *shards):
+        mod._ensure_guide(CPU)
+    local = full._local_sites()
+    assert {"w_sf", "detection_y_s"} <= local and "m_g" not in local
+    rng = np.random.default_rng(1)
+    with torch.no_grad():  # the shards start from the whole section's parameters
+        for p in full.guide.parameters():
+            p.add_(0.2 * torch.as_tensor(rng.standard_normal(tuple(p.shape)), dtype=p.dtype))
+        whole = dict(full.guide.named_parameters())
+        for mod, part in zip(shards, parts, strict=True):
+            for name, p in mod.guide.named_parameters():
+                site = name.split(".", 1)[-1].removesuffix("_unconstrained")
+                p.copy_(whole[name][part] if site in local else whole[name])
+    u = _unconstrained_draws(full, rng)
+
+    loss = MeanFieldELBO(full.module, full.guide)(*full._full_args(CPU), unconstrained=u)
+    loss.backward()
+    total = 0.0
+    for mod, part in zip(shards, parts, strict=True):
+        u_part = {k: (v[part] if k in local else v) for k, v in u.items()}
+        part_loss = MeanFieldELBO(mod.module, mod.guide, global_weight=0.5)(*mod._full_args(CPU), unconstrained=u_part)
+        part_loss.backward()
+        total = total + float(part_loss)
+    assert total == pytest.approx(float(loss), rel=1e-5)
+
+    grads = {name: p.grad for name, p in full.guide.named_parameters()}
+    names = [n for n, _ in full.guide.named_parameters()]
+    shard_grads = [dict(mod.guide.named_parameters()) for mod in shards]
+    for name in names:
+        site = name.split(".", 1)[-1].removesuffix("_unconstrained")
+        if site in local:
+            joined = torch.cat([g[name].grad for g in shard_grads])
+        else:
+            joined = sum(g[name].grad for g in shard_grads)
+        np.testing.assert_allclose(
+            joined.numpy(), grads[name].numpy(), rtol=2e-3, atol=1e-3 * float(grads[name].abs().max())
+        )
+    # the global parameters the processes replicate are exactly those of the non-local sites
+    shared = {id(p) for p in full._global_parameters()}
+    assert shared == {id(whole[n]) for n in names if n.split(".", 1)[-1].removesuffix("_unconstrained") not in local}
+
+
+def test_merge_uns_joins_per_spot_arrays_in_rank_order():
+    a = {
+        "obs_names": np.array(["s0", "s1"]),
+        "post_sample_means": {"w_sf": np.ones((2, 3)), "m_g": np.full((1, 4), 2.0)},
+    }
+    b = {"obs_names": np.array(["s2"]), "post_sample_means": {"w_sf": np.zeros((1, 3)), "m_g": np.full((1, 4), 2.0)}}
+    out = _merge_uns([a, b], {"w_sf"})
+    assert list(out["obs_names"]) == ["s0", "s1", "s2"]
+    assert out["post_sample_means"]["w_sf"].shape == (3, 3) and out["post_sample_means"]["m_g"].shape == (1, 4)
+
+
+def _pearson(path, truth) -> float:
+    est = anndata.read_h5ad(path).obsm["means_cell_abundance_w_sf"].to_numpy()
+    return float(np.corrcoef(est.ravel(), truth.ravel())[0, 1])
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_answer_of_one(tmp_path):
+    """``torchrun --nproc-per-node 2 -m napari_cell2location fit`` (gloo) against one process, same seed
+    and total batch: Pearson to the truth within 0.01, every spot in the results in its place."""
+    syn = synthetic_visium(n_spots=300, n_genes=400, n_cell_types=8, seed=3)
+    syn.adata.write_h5ad(tmp_path / "section.h5ad")
+    syn.signatures.to_csv(tmp_path / "signatures.csv")
+    args = ["section.h5ad", "--signatures", "signatures.csv", "--batch-key", "batch", "--quiet"]
+    args += ["--batch-size", "100", "--max-epochs", "300", "--lr", "0.01", "--seed", "0"]
+    one = subprocess.run(
+        [sys.executable, "-m", "napari_cell2location", "fit", *args, "--out", "one.h5ad"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = subprocess.run(
+        [*launcher, "-m", "napari_cell2location", "fit", *args, "--out", "two.h5ad"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stdout
+    truth = np.asarray(syn.truth["cell_abundance"])
+    r_one, r_two = _pearson(tmp_path / "one.h5ad", truth), _pearson(tmp_path / "two.h5ad", truth)
+    assert r_one > 0.85 and abs(r_two - r_one) <= 0.01, (r_one, r_two)
+    res = anndata.read_h5ad(tmp_path / "two.h5ad")
+    assert list(res.obs_names) == list(syn.adata.obs_names)
+    assert list(res.obsm["cell2location_qc"].index) == list(syn.adata.obs_names)
+    means = res.uns["mod"]["post_sample_means"]
+    assert (
+        means["w_sf"].shape == (300, 8) and means["detection_y_s"].shape == (300, 1) and means["m_g"].shape == (1, 400)
+    )
+    assert list(res.uns["mod"]["obs_names"]) == list(syn.adata.obs_names)
