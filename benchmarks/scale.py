@@ -32,7 +32,6 @@ import time
 
 import numpy as np
 
-
 CHUNK = 5000  # spots generated at a time
 
 
