@@ -151,7 +151,9 @@ CORE_MODULES = [
     "napari_cell2location._variants",
     "napari_cell2location._cli",
     "napari_cell2location.io._fullres",
+    "napari_cell2location.io._fullres_find",
     "napari_cell2location.nuclei._fullres",
+    "napari_cell2location.nuclei._signal",
     "napari_cell2location.datasets._fullres",
 ]
 GUI_MODULES = ["qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "PySide2", "PySide6", "vispy"]

@@ -12,16 +12,8 @@ Imports no Qt and no napari; ``anndata`` / ``spatialdata`` load inside the funct
 """
 
 from ._files import atomic_output, check_writable, read_h5ad, reading, shorten_paths
-from ._fullres import (
-    TIFF_SUFFIXES,
-    Pyramid,
-    find_fullres_image,
-    frame_mismatch,
-    fullres_image_for,
-    is_tiff_name,
-    open_fullres_image,
-    place_on_sections,
-)
+from ._fullres import TIFF_SUFFIXES, Pyramid, is_tiff_name, open_fullres_image
+from ._fullres_find import find_fullres_image, frame_mismatch, fullres_image_for, place_on_sections
 from ._read import read_signatures, write_results
 from ._spaceranger import read_spaceranger, spaceranger_root
 from ._spatial import pick_table, read_spatial, spatial_format

@@ -23,8 +23,9 @@ from ._count import (
     overlap_scaling,
     spots_in_image,
 )
-from ._detect import DetectProgress, auto_threshold, detect_nuclei, iter_detect_nuclei, nuclear_signal
+from ._detect import DetectProgress, detect_nuclei, iter_detect_nuclei
 from ._fullres import SpotNuclei, detect_in_spots, finest_level, iter_detect_in_spots, spot_regions
+from ._signal import auto_threshold, nuclear_signal
 
 __all__ = [
     "DetectProgress",
