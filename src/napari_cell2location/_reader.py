@@ -7,14 +7,15 @@ Each opens as its sections' H&E (Image layers) and its spots (a Points layer) in
 coordinates (see :mod:`napari_cell2location._layers`); several datasets opened together sit side by side.
 
 A Visium HD ``outs/`` folder opens its 8 µm bins as squares of their true size; its
-``binned_outputs/square_NNNum/`` folder opens the bins of that size instead (a reader takes no options).
+``binned_outputs/square_NNNum/`` folder opens the bins of that size instead (a reader takes no options). Its
+full-resolution image is found and shown as for standard Visium (below).
 
 Full-resolution scans open as multiscale Image layers, read lazily
 (:func:`~napari_cell2location.io.open_fullres_image`):
 
-* a Space Ranger folder shows its full-resolution image in place of the hires PNG when one is found
-  (:func:`~napari_cell2location.io.fullres_image_for`: the run's recorded ``--image``, or a TIFF beside
-  ``outs/``); opening the folder and a TIFF together makes that TIFF its image;
+* a Space Ranger folder (standard or HD) shows its full-resolution image in place of the hires PNG when one
+  is found (:func:`~napari_cell2location.io.fullres_image_for`: the run's recorded ``--image``, or a TIFF
+  beside ``outs/``); opening the folder and a TIFF together makes that TIFF its image;
 * a TIFF opened alone (dropped onto a section) lands on the section it belongs to: the shown image whose
   world extent is its size gives its place (:func:`~napari_cell2location.io.place_on_sections`), else the
   identity (full-resolution pixels). Only pyramidal or large TIFFs (and broken ones, to say what is wrong)
@@ -50,6 +51,8 @@ from .io import (
 NO_LAYERS = [(None,)]
 #: a TIFF with a side at least this long (px), or with a pyramid, is a scan this reader claims
 CLAIM_TIFF_SIDE = 4096
+#: formats whose full-resolution image is found (or given) as Space Ranger's ``--image``
+_WITH_FULLRES = ("spaceranger", "visium_hd")
 
 
 def _paths(path) -> list:
@@ -146,18 +149,19 @@ def layer_data_from_path(path: str | os.PathLike, image: str | os.PathLike | Non
     Parameters
     ----------
     path : str or os.PathLike
-        A Space Ranger folder, SpatialData ``.zarr`` or ``.h5ad``.
+        A Space Ranger folder (standard or Visium HD), SpatialData ``.zarr`` or ``.h5ad``.
     image : str or os.PathLike, optional
         A Space Ranger folder's full-resolution image (its ``--image``); default: found by the rule of
         :func:`~napari_cell2location.io.fullres_image_for`.
     """
     adata, sdata = read_spatial(path)
     name = Path(path).name.removesuffix(".zarr").removesuffix(".h5ad")
-    if spatial_format(path) == "visium_hd":  # 'run 8 µm bins': the run's name and the bin size read
+    fmt = spatial_format(path)
+    if fmt == "visium_hd":  # 'run 8 µm bins': the run's name and the bin size read
         lib, entry = next(iter(adata.uns["spatial"].items()))
         name = f"{lib} {entry['scalefactors']['bin_size_um']:g} µm bins"
     layers = spatial_layer_data(adata, sdata, name=name or "spots", source=str(path))
-    if spatial_format(path) == "spaceranger":
+    if fmt in _WITH_FULLRES:
         pyramid = fullres_image_for(path, image, adata=adata)
         if pyramid is not None:
             layers = _with_fullres(layers, pyramid, name or "spots")
@@ -213,7 +217,7 @@ def read_paths(paths: list) -> list[tuple]:
     tiffs = [p for p in paths if is_tiff_name(p) and Path(p).is_file()]
     datasets = [p for p in paths if p not in tiffs]
     image = None
-    if len(tiffs) == 1 and len(datasets) == 1 and spatial_format(datasets[0]) == "spaceranger":
+    if len(tiffs) == 1 and len(datasets) == 1 and spatial_format(datasets[0]) in _WITH_FULLRES:
         image, tiffs = tiffs[0], []
     layers = []
     if datasets:  # beside what the viewer shows: napari opens the files of one Open one call at a time

@@ -2,7 +2,9 @@
 
 * geometry glue (pure functions): a 2-D layer's data -> world transform as napari composes it, and the spots'
   centres and radii in world coordinates (DESIGN.md rule 7: counting happens in world coordinates, so it is
-  right at every image scale and for sections placed side by side);
+  right at every image scale and for sections placed side by side), and their shape: round Visium spots, or
+  Visium HD bins, counted as the axis-aligned squares they are drawn as (half the side where a spot has its
+  radius; each nucleus in the one bin holding its centre);
 * :class:`SpotCounting`, the count half of :class:`~._cells_widget.CellsPerSpotWidget` (a mixin): an empty
   layer to click nuclei into, the count per spot (in-tissue spots, or the selected ones for the manual
   protocol), the spots coloured by it, its histogram, and the suggested ``N_cells_per_location`` handed to
@@ -14,6 +16,9 @@ import pandas as pd
 
 from ._notify import tell
 from ._state import context_of
+
+#: Visium spot diameter (µm): sets µm per world unit from the spot size when the user gives no pixel size
+SPOT_DIAMETER_UM = 55.0
 
 #: feature column of the spots layer holding the count
 COUNT_FEATURE = "nuclei_per_spot"
@@ -50,11 +55,43 @@ def _linear_scale(layer) -> float:
 
 
 def spot_geometry(spots_layer) -> tuple[np.ndarray, np.ndarray]:
-    """Spot centres (n, 2) and radii (n,) in world coordinates."""
+    """Spot centres (n, 2) and radii (n,) in world coordinates (half the side of square bins)."""
     centres = to_world(spots_layer, spots_layer.data)
     size = np.asarray(spots_layer.size, dtype=float)
     size = np.broadcast_to(size.reshape(-1) if size.ndim else size, (len(centres),))
     return centres, 0.5 * size * _linear_scale(spots_layer)
+
+
+def _scalefactors(spots_layer) -> list[dict]:
+    ctx = context_of(spots_layer)
+    spatial = ctx.adata.uns.get("spatial", {}) if ctx is not None else {}
+    entries = spatial.values() if hasattr(spatial, "values") else []
+    return [dict(e.get("scalefactors", {}) or {}) for e in entries if hasattr(e, "get")]
+
+
+def spot_shape_of(spots_layer) -> str:
+    """``'square'`` when the layer's points are Visium HD bins (its table's scale factors carry a bin size, or
+    every point is drawn as a square), else ``'circle'`` (round Visium spots)."""
+    from ..nuclei import spot_shape
+
+    if any(spot_shape(f) == "square" for f in _scalefactors(spots_layer)):
+        return "square"
+    symbols = {str(getattr(s, "value", s)) for s in np.atleast_1d(spots_layer.symbol)}
+    return "square" if symbols == {"square"} else "circle"
+
+
+def spot_size_um(spots_layer) -> float | None:
+    """Diameter of a round spot (55 µm) or side of a square bin (its ``bin_size_um``) in µm; None for squares
+    whose size the table does not say."""
+    if spot_shape_of(spots_layer) == "circle":
+        return SPOT_DIAMETER_UM
+    sizes = [float(f["bin_size_um"]) for f in _scalefactors(spots_layer) if f.get("bin_size_um")]
+    return sizes[0] if sizes else None
+
+
+def spot_word(shape: str | None) -> str:
+    """What a counted place is called: ``'bin'`` for square bins, ``'spot'`` otherwise."""
+    return "bin" if shape == "square" else "spot"
 
 
 class SpotCounting:
@@ -62,9 +99,12 @@ class SpotCounting:
 
     The widget builds what these methods read (``viewer``, ``state``, ``spots``, ``nuclei``, ``scope``,
     ``nucleus_diameter``, ``status``, ``summary``, ``plot``, ``use_mean_button``, ``use_per_spot_button``,
-    ``um_per_world()`` and ``_refresh()``); they set ``nuclei_layer``, ``counts``, ``counted`` and
-    ``estimate``.
+    ``um_per_world()`` and ``_refresh()``); they set ``nuclei_layer``, ``counts``, ``counted``,
+    ``counted_shape`` and ``estimate``.
     """
+
+    #: shape of the places last counted: 'circle' (Visium spots) or 'square' (Visium HD bins)
+    counted_shape = None
 
     def _counted_mask(self, spots) -> np.ndarray | None:
         """(n_spots,) the spots counted: the selected ones (manual protocol) or the in-tissue ones. None, after
@@ -125,30 +165,32 @@ class SpotCounting:
         if mask is None:
             return None
         centres, radius = spot_geometry(spots)
-        counts = count_nuclei_per_spot(to_world(points, points.data), centres, radius)
+        shape = spot_shape_of(spots)  # HD bins: the square each is drawn as, a nucleus in one bin only
+        counts = count_nuclei_per_spot(to_world(points, points.data), centres, radius, shape=shape)
         try:
-            est = estimate_n_cells_per_location(counts, mask)
+            est = estimate_n_cells_per_location(counts, mask, spot_shape=shape)
         except ValueError as err:
             tell("error", "Cannot estimate N cells per spot.", str(err), self.status)
             return None
         self.counts = np.where(mask, counts.astype(float), np.nan)
         self.counted = mask
+        self.counted_shape = shape
         self.estimate = est
         self._colour_spots(spots)
         self._draw()
         manual = self.scope.value == SCOPE_SELECTED
         self.summary.value = (
-            f"{int(mask.sum())} {'selected' if manual else 'in-tissue'} spots, "
+            f"{int(mask.sum())} {'selected' if manual else 'in-tissue'} {spot_word(shape)}s, "
             f"{len(points.data)} nuclei in '{points.name}'\n"
             f"suggested N_cells_per_location = {est.value:.1f} ± {est.spread:.1f}\n"
             f"(median {est.median:.0f}, 5-95% {est.q05:.0f}-{est.q95:.0f})"
         )
         empty = not np.nansum(self.counts) > 0
         if empty:  # nothing to send: a prior of 0 cells is refused by the model
-            self.summary.value += "\nNo nuclei in the counted spots: nothing to use for the fit."
+            self.summary.value += f"\nNo nuclei in the counted {spot_word(shape)}s: nothing to use for the fit."
             tell(
                 "warning",
-                "No nuclei in the counted spots.",
+                f"No nuclei in the counted {spot_word(shape)}s.",
                 "Check that the nuclei layer lies on the spots (and the image resolves nuclei), or count by hand.",
                 self.status,
             )
@@ -183,8 +225,9 @@ class SpotCounting:
             ax.axvline(est.value, color="#d62728", lw=1.5, label=f"mean {est.value:.1f}")
             ax.axvspan(est.value - est.spread, est.value + est.spread, color="#d62728", alpha=0.12, lw=0)
             ax.legend(fontsize=7, frameon=False)
-        ax.set_xlabel("nuclei per spot", fontsize=8)
-        ax.set_ylabel("spots", fontsize=8)
+        word = spot_word(self.counted_shape)
+        ax.set_xlabel(f"nuclei per {word}", fontsize=8)
+        ax.set_ylabel(f"{word}s", fontsize=8)
         ax.tick_params(labelsize=7)
         self.plot.draw()
 

@@ -16,6 +16,10 @@ data -> world transform (for a ``hires`` image that is ``scale = 1 / scalef``); 
 layer's transform, their radius is half the point size times that layer's scale. Counting happens in
 world coordinates, so it is right at every image scale and for sections placed side by side.
 
+Visium HD bins are counted as the squares they are drawn as (side = the point size, ``bin_side_fullres``
+full-resolution pixels), each nucleus in the one bin holding its centre; detection under them reads the tiles
+under the squares, and µm per world unit come from the bin size (``bin_size_um``) instead of the 55 µm spot.
+
 This module is the tab and its detection side; the geometry glue and the count half (count per spot, colours,
 histogram, hand-over to Fit) are :mod:`._cells_count`.
 """
@@ -36,6 +40,9 @@ from ._cells_count import (
     _linear_scale,
     data_to_world_matrix,
     spot_geometry,
+    spot_shape_of,
+    spot_size_um,
+    spot_word,
     to_world,
 )
 from ._mpl import MplCanvas
@@ -54,11 +61,10 @@ __all__ = [
     "CellsPerSpotWidget",
     "data_to_world_matrix",
     "spot_geometry",
+    "spot_shape_of",
     "to_world",
 ]
 
-#: Visium spot diameter (µm): sets µm per world unit from the spot size when the user gives no pixel size
-SPOT_DIAMETER_UM = 55.0
 AREA_SPOTS = "under the counted spots"
 AREA_ALL = "the whole image"
 #: an image with more pixels than this (or multiscale) is detected under the spots by default
@@ -132,7 +138,9 @@ class CellsPerSpotWidget(SpotCounting, Container):
         self.spots = ComboBox(label="spots", choices=self._spot_choices, nullable=True)
         self.pixel_size = FloatSpinBox(label="µm / image px", value=0.0, min=0.0, max=1000.0, step=0.1)
         self.pixel_size.native.setDecimals(3)
-        self.pixel_size.tooltip = "0 = from the spot size (Visium spots are 55 µm across)"
+        self.pixel_size.tooltip = (
+            "0 = from the spot size (Visium spots are 55 µm across; Visium HD bins, their bin size)"
+        )
         self.pixel_note = Label(label="", value="")
         self.nucleus_diameter = FloatSpinBox(label="nucleus Ø (µm)", value=7.0, min=1.0, max=50.0, step=0.5)
         self.nucleus_diameter.tooltip = (
@@ -226,13 +234,17 @@ class CellsPerSpotWidget(SpotCounting, Container):
 
     # ------------------------------------------------------------------ pixel size
     def um_per_world(self) -> float | None:
-        """µm per world unit, from the spot size (Visium spots are 55 µm across); None without spots."""
+        """µm per world unit, from the spot size (Visium spots are 55 µm across; Visium HD bins are their
+        ``bin_size_um`` on a side); None without spots (or bins of unknown size)."""
         layer = self.spots.value
         if layer is None or len(layer.data) == 0:
             return None
+        size_um = spot_size_um(layer)
+        if size_um is None:
+            return None
         _, radius = spot_geometry(layer)
         diameter = float(np.median(2.0 * radius))
-        return SPOT_DIAMETER_UM / diameter if diameter > 0 else None
+        return size_um / diameter if diameter > 0 else None
 
     def pixel_size_um(self) -> float | None:
         """µm per pixel of the image's finest scale: the spin box when set, else from the spot size and the
@@ -250,7 +262,10 @@ class CellsPerSpotWidget(SpotCounting, Container):
     def _pixel_source(self) -> str:
         if self.pixel_size.value > 0:
             return "typed"
-        return "from the 55 µm spot size" if self.um_per_world() is not None else "from the image file"
+        if self.um_per_world() is None:
+            return "from the image file"
+        layer = self.spots.value
+        return f"from the {spot_size_um(layer):g} µm {spot_word(spot_shape_of(layer))} size"
 
     def unresolved(self) -> str | None:
         """Why nuclei cannot be detected on the chosen image at its pixel size (None when they can)."""
@@ -324,7 +339,10 @@ class CellsPerSpotWidget(SpotCounting, Container):
         self._detect_image = image
         self.progress.value = 0
         self.progress.max = 1
-        where = "the whole image" if self.area.value == AREA_ALL else f"the tiles under {len(centres)} spots"
+        shape = spot_shape_of(self.spots.value) if self.spots.value is not None else "circle"
+        where = (
+            "the whole image" if self.area.value == AREA_ALL else f"the tiles under {len(centres)} {spot_word(shape)}s"
+        )
         self.status.value = (
             f"detecting nuclei ({'H&E' if kind == 'he' else 'fluorescence'}, {px:.3g} µm/px) in {where}..."
         )
@@ -341,6 +359,7 @@ class CellsPerSpotWidget(SpotCounting, Container):
             nucleus_diameter_um=float(self.nucleus_diameter.value),
             channel_axis=-1 if image.rgb else None,
             chunk_size=int(self.chunk_size),
+            spot_shape=shape,
             on_yielded=self._on_progress,
             on_returned=self._on_detected,
         )

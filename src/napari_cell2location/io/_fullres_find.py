@@ -12,6 +12,12 @@ holds the rule that finds it (:func:`find_fullres_image`), for a Space Ranger fo
    or the run folder, other than the images Space Ranger writes itself (``cytassist_image.tiff``), by
    folder in that order and by name.
 
+A Visium HD run has no count matrix in ``outs/`` (its counts are in ``outs/binned_outputs/square_NNNum/``):
+the rule is the same with its ``outs/`` found from any of the folders it reads (the run folder, ``outs/``,
+``binned_outputs/`` or one bin's folder; a bin folder copied on its own is its own ``outs/``). Space Ranger
+registers the bins to the ``--image`` given (the microscope H&E, not ``--cytaimage``), so that image is the
+full-resolution frame of every bin size.
+
 The first found image that fits the folder is used (:func:`frame_mismatch`): its size must match the
 full-resolution frame the hires (or lowres) image and its scale factor imply, or, without those, hold
 every spot. A found image that does not fit is skipped with a warning; a given one is an
@@ -92,13 +98,23 @@ def _nearby_tiffs(root: Path) -> list[Path]:
     return out
 
 
+def _outs_of(folder: str | os.PathLike) -> Path | None:
+    """The ``outs/`` folder of Space Ranger output (standard Visium or Visium HD) that ``folder`` is part of."""
+    from ._spaceranger import spaceranger_root
+    from ._visium_hd import _locate
+
+    hd = _locate(folder)  # first, as spatial_format: an HD bin folder also holds a matrix and spatial/
+    return hd.outs if hd is not None else spaceranger_root(folder)
+
+
 def find_fullres_image(folder: str | os.PathLike) -> list[Path]:
     """Candidate full-resolution images of a Space Ranger folder, in the order of the rule (module docstring).
 
     Parameters
     ----------
     folder : str or os.PathLike
-        A Space Ranger ``outs/`` folder or its run folder.
+        A Space Ranger ``outs/`` folder or its run folder; for Visium HD also ``binned_outputs/`` or one
+        bin's folder (``square_008um/``).
 
     Returns
     -------
@@ -106,9 +122,7 @@ def find_fullres_image(folder: str | os.PathLike) -> list[Path]:
         Existing files: those the run recorded first, then the TIFFs beside the outputs (none are opened).
         Empty when ``folder`` is not Space Ranger output or nothing is there.
     """
-    from ._spaceranger import spaceranger_root
-
-    root = spaceranger_root(folder)
+    root = _outs_of(folder)
     if root is None:
         return []
     recorded = [p for p in recorded_image_paths(_run_folder(root)) if p.is_file()]
@@ -183,12 +197,13 @@ def fullres_image_for(folder: str | os.PathLike, image: str | os.PathLike | None
     Parameters
     ----------
     folder : str or os.PathLike
-        The Space Ranger ``outs/`` folder (or its run folder).
+        The Space Ranger ``outs/`` folder (or its run folder); for Visium HD also ``binned_outputs/`` or one
+        bin's folder.
     image : str or os.PathLike, optional
         The image given with Space Ranger's ``--image``; default: found by the rule.
     adata : anndata.AnnData, optional
-        The folder as read by :func:`~napari_cell2location.io.read_spaceranger` (read here when not given),
-        for the frame check.
+        The folder as read by :func:`~napari_cell2location.io.read_spaceranger` (or, Visium HD,
+        :func:`~napari_cell2location.io.read_visium_hd`; read here when not given), for the frame check.
 
     Returns
     -------
@@ -202,8 +217,9 @@ def fullres_image_for(folder: str | os.PathLike, image: str | os.PathLike | None
     """
     if adata is None:
         from ._spaceranger import read_spaceranger
+        from ._visium_hd import is_visium_hd, read_visium_hd
 
-        adata = read_spaceranger(folder)
+        adata = read_visium_hd(folder) if is_visium_hd(folder) else read_spaceranger(folder)
     scalefactors, shapes, xy = _section_frame(adata)
     if image is not None:
         pyramid = open_fullres_image(image)

@@ -12,7 +12,8 @@ Touching and overlapping nuclei are split by default (``detect_nuclei(..., split
 >>> Cell2location(adata, sig, N_cells_per_location=est.per_spot)                 # doctest: +SKIP
 
 On a full-resolution scan (a lazy multiscale image, ``io.open_fullres_image``), :func:`detect_in_spots` reads
-only the tiles under the spots and counts per spot in world coordinates.
+only the tiles under the spots and counts per spot in world coordinates. Visium HD bins are counted as the
+squares they are (``shape='square'``; :func:`spot_shape` tells from the scale factors), each nucleus in one bin.
 """
 
 from ._count import (
@@ -21,6 +22,7 @@ from ._count import (
     estimate_n_cells_per_location,
     outlier_fences,
     overlap_scaling,
+    spot_shape,
     spots_in_image,
 )
 from ._detect import DetectProgress, detect_nuclei, iter_detect_nuclei
@@ -43,5 +45,6 @@ __all__ = [
     "outlier_fences",
     "overlap_scaling",
     "spot_regions",
+    "spot_shape",
     "spots_in_image",
 ]

@@ -5,6 +5,18 @@ Visium spot centres ``adata.obsm['spatial']`` are (x, y) in full-resolution pixe
 ``hires`` / ``lowres`` scale sees a spot at (row, col) = (y, x) * scalef with radius
 ``spot_diameter_fullres / 2 * scalef``; :func:`spots_in_image` does that conversion, once.
 
+Round spots and square bins
+---------------------------
+A standard Visium spot is a 55 µm disc: a nucleus is counted in a spot when its centre lies in the circle.
+A Visium HD bin is an axis-aligned square ``bin_size_um`` on a side (``scalefactors['bin_side_fullres']``
+full-resolution pixels; :func:`spot_shape` tells which from the scale factors): counted in a circle of the
+bin's width, a bin would lose its corners (the inscribed circle is pi / 4 = 79 % of the square), so squares
+are counted as squares (``shape='square'``, with half the side where a circle has its radius). Bins tile the
+tissue and are smaller than or about as large as a nucleus (2, 8 µm), so each nucleus goes to one bin only:
+the bin whose centre is nearest (in the max-norm, the squares' own distance) among those whose square holds
+its centre; on a shared edge the tie goes to one of the two. Summed over the bins, the counts are the nuclei
+centred in the bins, each once.
+
 From nuclei inside the spot to cells that give RNA
 ---------------------------------------------------
 A nucleus is counted in a spot when its centre lies inside the 55 µm circle. The cells whose RNA the spot
@@ -12,7 +24,10 @@ captures are those whose bodies overlap the circle, which also includes cells ce
 With nuclei spread evenly and a cell of radius ``c`` (µm) contributing when its centre lies within
 ``R + c`` of the spot centre (``R`` = 27.5 µm), the expected number of contributing cells is the count
 times ``((R + c) / R) ** 2``: 1.0 for ``c = 0`` (count centres only; the default, and how the synthetic
-data are built), 1.39 for ``c = 5`` µm. Pass ``cell_radius_um`` to apply it. A single 2-D section also
+data are built), 1.39 for ``c = 5`` µm. Pass ``cell_radius_um`` to apply it. For a square bin of side ``s``
+the cells reaching in are those centred within ``c`` of the square, an area of ``s² + 4 s c + pi c²``
+(the square grown by ``c``, with rounded corners): the factor is that over ``s²``, large for small bins
+(2 µm, c = 5 µm: 31; 8 µm: 4.7), since a cell body spans several bins. A single 2-D section also
 misses nuclei cut outside the section plane and shows fragments of others; those effects are not
 corrected here.
 
@@ -25,6 +40,11 @@ nucleus counted exactly. The default now clips only outliers: counts beyond Tuke
 interquartile ranges outside the quartiles) on the square-root scale, where counts of any density have
 about the same spread. Clean counts are not touched and the mean is unbiased at every density; a fold or
 a bubble far from the rest is still clipped. ``trim=0.05`` gives the former winsorised mean.
+
+The interquartile range on the square-root scale is taken at least as large as a Poisson count's (0.674):
+small bins hold 0-3 nuclei, often with both quartiles at 0 (or 1), and a range of 0 would make every
+other count an outlier and clip the mean to the quartile. No quantity here divides by the spot's area, so
+counts per square bin and per round spot go through the same estimate.
 """
 
 from __future__ import annotations
@@ -44,11 +64,52 @@ __all__ = [
     "estimate_n_cells_per_location",
     "outlier_fences",
     "overlap_scaling",
+    "spot_shape",
     "spots_in_image",
 ]
 
 #: Visium spot diameter (µm).
 VISIUM_SPOT_DIAMETER_UM = 55.0
+#: the shapes counted: round Visium spots, square Visium HD bins
+SPOT_SHAPES = ("circle", "square")
+#: interquartile range of a Poisson count on the square-root scale (sd 1/2): the least spread of counts
+_POISSON_ROOT_IQR = 1.349 * 0.5
+
+
+def _check_shape(shape: str) -> str:
+    if shape not in SPOT_SHAPES:
+        raise ValueError(f"shape must be one of {SPOT_SHAPES}, got {shape!r}")
+    return shape
+
+
+def spot_shape(scalefactors) -> str:
+    """``'square'`` for the bins of a Visium HD table, ``'circle'`` for round Visium spots.
+
+    Parameters
+    ----------
+    scalefactors : mapping or anndata.AnnData
+        A library's scale factors (``uns['spatial'][library]['scalefactors']``), or a scanpy-layout table
+        whose libraries are looked at. Visium HD bins carry ``'bin_size_um'`` (or ``'bin_side_fullres'``).
+
+    Returns
+    -------
+    str
+    """
+    if hasattr(scalefactors, "uns"):
+        spatial = scalefactors.uns.get("spatial", {})
+        entries = spatial.values() if hasattr(spatial, "values") else []
+        found = [e.get("scalefactors", {}) for e in entries if hasattr(e, "get")]
+        return "square" if any(spot_shape(f) == "square" for f in found) else "circle"
+    if not hasattr(scalefactors, "get"):
+        return "circle"
+    for key in ("bin_size_um", "bin_side_fullres"):
+        value = scalefactors.get(key)
+        try:
+            if value is not None and float(value) > 0:
+                return "square"
+        except (TypeError, ValueError):
+            continue
+    return "circle"
 
 
 def _as_points(points, name: str) -> np.ndarray:
@@ -95,8 +156,8 @@ def spots_in_image(spatial_xy, scalef: float, spot_diameter_fullres: float) -> t
     return xy[:, ::-1] * float(scalef), 0.5 * float(spot_diameter_fullres) * float(scalef)
 
 
-def count_nuclei_per_spot(nuclei, spots, radius) -> np.ndarray:
-    """Number of nuclei centres inside each spot circle (KD-tree ball query).
+def count_nuclei_per_spot(nuclei, spots, radius, *, shape: str = "circle") -> np.ndarray:
+    """Number of nuclei centres inside each spot's circle, or each bin's square.
 
     Parameters
     ----------
@@ -107,15 +168,21 @@ def count_nuclei_per_spot(nuclei, spots, radius) -> np.ndarray:
         (n_obs, 2) spot centres as (row, col) in the same frame and units as ``nuclei``
         (see :func:`spots_in_image`).
     radius : float or array-like
-        Spot radius in the same units, one value or (n_obs,).
+        Spot radius in the same units, one value or (n_obs,); for square bins, half the side.
+    shape : {'circle', 'square'}
+        ``'circle'``: round Visium spots, a nucleus counts in every circle holding its centre (KD-tree ball
+        query). ``'square'``: Visium HD bins, axis-aligned squares of side ``2 * radius``; a nucleus counts
+        once, in the bin whose centre is nearest (max-norm) among those whose square holds its centre (see
+        the module's notes; :func:`spot_shape` tells which a table has).
 
     Returns
     -------
     numpy.ndarray
-        (n_obs,) int64 counts. A nucleus on the boundary (distance == radius) counts.
+        (n_obs,) int64 counts. A nucleus on the boundary (distance == radius; on a square's edge) counts.
     """
     from scipy.spatial import cKDTree
 
+    _check_shape(shape)
     pts = _as_points(nuclei, "nuclei")
     ctr = _as_points(spots, "spots")
     rad = np.broadcast_to(np.asarray(radius, dtype=np.float64), (len(ctr),))
@@ -123,6 +190,8 @@ def count_nuclei_per_spot(nuclei, spots, radius) -> np.ndarray:
         raise ValueError("radius must be positive and finite")
     if len(pts) == 0 or len(ctr) == 0:
         return np.zeros(len(ctr), dtype=np.int64)
+    if shape == "square":
+        return _count_in_squares(pts, ctr, rad)
     tree = cKDTree(pts)
     if np.all(rad == rad[0]):
         return np.asarray(tree.query_ball_point(ctr, rad[0], return_length=True), dtype=np.int64)
@@ -131,22 +200,52 @@ def count_nuclei_per_spot(nuclei, spots, radius) -> np.ndarray:
     )
 
 
-def overlap_scaling(cell_radius_um: float, spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM) -> float:
-    """Factor from nuclei centred in the spot to cells overlapping it: ``((R + c) / R) ** 2``.
+def _count_in_squares(pts: np.ndarray, ctr: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """Nuclei per axis-aligned square (centres ``ctr``, half sides ``half``), each nucleus in one square at most:
+    the one whose centre is nearest in the max-norm among those holding it."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(ctr)
+    reach = float(half.max()) * (1.0 + 1e-9)
+    uniform = bool(np.all(half == half[0]))
+    k = 1 if uniform else min(len(ctr), 9)  # bins of several sizes: the nearest few, the first that holds it
+    dist, idx = tree.query(pts, k=k, p=np.inf, distance_upper_bound=reach)
+    dist, idx = dist.reshape(len(pts), k), idx.reshape(len(pts), k)
+    found = idx < len(ctr)
+    holds = np.zeros_like(found)
+    holds[found] = dist[found] <= half[idx[found]] * (1.0 + 1e-9)
+    first = np.argmax(holds, axis=1)
+    counted = holds[np.arange(len(pts)), first]
+    return np.bincount(idx[counted, first[counted]], minlength=len(ctr)).astype(np.int64)
+
+
+def overlap_scaling(
+    cell_radius_um: float, spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM, shape: str = "circle"
+) -> float:
+    """Factor from nuclei centred in the spot to cells overlapping it.
+
+    A circle of radius ``R``: ``((R + c) / R) ** 2``. A square of side ``s``: ``(s² + 4 s c + pi c²) / s²``,
+    the square grown by ``c`` over the square.
 
     Parameters
     ----------
     cell_radius_um : float
         Radius ``c`` of the part of a cell that contributes RNA beyond its centre (µm); 0 counts centres only.
     spot_diameter_um : float
-        Spot diameter (µm); ``R`` is half of it.
+        Spot diameter (µm), ``R`` is half of it; for a square bin, its side ``s``.
+    shape : {'circle', 'square'}
+        Round Visium spots or square Visium HD bins.
 
     Returns
     -------
     float
     """
+    _check_shape(shape)
     if cell_radius_um < 0 or not spot_diameter_um > 0:
         raise ValueError(f"need cell_radius_um >= 0 and spot_diameter_um > 0, got {cell_radius_um}, {spot_diameter_um}")
+    if shape == "square":
+        s, c = float(spot_diameter_um), float(cell_radius_um)
+        return (s * s + 4.0 * s * c + math.pi * c * c) / (s * s)
     r = 0.5 * spot_diameter_um
     return ((r + cell_radius_um) / r) ** 2
 
@@ -195,7 +294,9 @@ def outlier_fences(values, k: float = 3.0) -> tuple[float, float]:
 
     ``sqrt`` makes the spread of counts about the same at every density (for Poisson counts its variance
     is 1/4 whatever the mean), so one ``k`` serves sparse and crowded tissue alike. With ``k = 3`` ("far
-    out") clean counts, however skewed by the tissue's layout, lie inside.
+    out") clean counts, however skewed by the tissue's layout, lie inside. The interquartile range is taken
+    at least a Poisson count's (0.674 on this scale), so counts of small bins, mostly 0 or 1, keep their
+    spread.
 
     Parameters
     ----------
@@ -211,7 +312,8 @@ def outlier_fences(values, k: float = 3.0) -> tuple[float, float]:
     """
     root = np.sqrt(np.asarray(values, dtype=np.float64))
     q1, q3 = np.quantile(root, [0.25, 0.75])
-    low, high = max(q1 - k * (q3 - q1), 0.0), q3 + k * (q3 - q1)
+    iqr = max(q3 - q1, _POISSON_ROOT_IQR)  # never narrower than a Poisson count's (see the module's notes)
+    low, high = max(q1 - k * iqr, 0.0), q3 + k * iqr
     return float(low**2), float(high**2)
 
 
@@ -220,7 +322,8 @@ def estimate_n_cells_per_location(
     in_tissue=None,
     *,
     cell_radius_um: float = 0.0,
-    spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+    spot_diameter_um: float | None = None,
+    spot_shape: str = "circle",
     scaling: float | None = None,
     trim: float | None = None,
     min_cells: float = 1.0,
@@ -236,8 +339,12 @@ def estimate_n_cells_per_location(
     cell_radius_um : float
         Reach of a cell beyond its nucleus centre (µm) for :func:`overlap_scaling`; 0 (default) counts
         nuclei centres in the spot only.
-    spot_diameter_um : float
-        Spot diameter (µm) for the scaling.
+    spot_diameter_um : float, optional
+        Spot diameter (µm) for the scaling, or the side of a square bin; default 55 µm for round spots (a
+        bin's side must be given when ``cell_radius_um`` > 0).
+    spot_shape : {'circle', 'square'}
+        Round Visium spots or square Visium HD bins, for the scaling only: counts of either go through
+        the same mean and fences, nothing is divided by an area.
     scaling : float, optional
         Explicit multiplier; overrides ``cell_radius_um``.
     trim : float, optional
@@ -268,7 +375,12 @@ def estimate_n_cells_per_location(
         raise ValueError(f"trim must be None or in [0, 0.5), got {trim}")
     if not min_cells > 0:
         raise ValueError(f"min_cells must be positive, got {min_cells}")
-    factor = overlap_scaling(cell_radius_um, spot_diameter_um) if scaling is None else float(scaling)
+    _check_shape(spot_shape)
+    if spot_diameter_um is None:
+        if spot_shape == "square" and scaling is None and cell_radius_um > 0:
+            raise ValueError("give the bin side (spot_diameter_um, µm) to scale counts of square bins")
+        spot_diameter_um = VISIUM_SPOT_DIAMETER_UM
+    factor = overlap_scaling(cell_radius_um, spot_diameter_um, spot_shape) if scaling is None else float(scaling)
     if not (factor > 0 and math.isfinite(factor)):
         raise ValueError(f"scaling must be positive, got {scaling}")
     x = c[mask] * factor
