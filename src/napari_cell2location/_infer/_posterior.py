@@ -79,10 +79,13 @@ class GuideSummary:
 
     def __init__(self, guide, obs_sites):
         self.guide = guide
-        self.obs_sites = set(obs_sites)
         self.sites = {}
         for name, site in guide.prototype_trace.iter_stochastic_nodes():
             self.sites[name] = biject_to(site["fn"].support)
+        # in the model's order, not a set's: draws are made site by site from one random stream, and a
+        # set's order of strings changes from process to process (PYTHONHASHSEED), and with it the answer
+        obs_sites = set(obs_sites)
+        self.obs_sites = tuple(name for name in self.sites if name in obs_sites)
 
     def loc_scale(self, name: str, ind=None):
         """The guide's loc and (positive) scale of a site, rows ``ind`` of an obs-plate site."""
