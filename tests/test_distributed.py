@@ -3,6 +3,7 @@ processes give the same answer as one."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -155,3 +156,94 @@ def test_two_gloo_processes_give_the_answer_of_one(tmp_path):
         means["w_sf"].shape == (300, 8) and means["detection_y_s"].shape == (300, 1) and means["m_g"].shape == (1, 400)
     )
     assert list(res.uns["mod"]["obs_names"]) == list(syn.adata.obs_names)
+
+
+# --------------------------------------------------------------------------- checkpoints of a data-parallel fit
+def test_parallel_checkpoint_record_is_checked(tmp_path):
+    from napari_cell2location._infer._checkpoint_parallel import ParallelCheckpointer
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    record = folder / "checkpoint.parallel.json"
+    record.write_text('{"format": "napari-cell2location checkpoint", "processes": 2, "epochs": 4}')
+    with pytest.raises(InputError, match=r"over 2 processes; resume it with 2 \(torchrun --nproc-per-node 2\), not 3"):
+        ParallelCheckpointer(folder, None, True, DataParallel(0, 3))
+    with pytest.raises(InputError, match="records the checkpoint of a fit: resume it"):
+        ParallelCheckpointer(folder, None, False, DataParallel(0, 2))
+    with pytest.raises(
+        InputError, match=r"checkpoint.rank1-of-2.e4.pt.*process 1's part of the checkpoint, is missing"
+    ):
+        ParallelCheckpointer(folder, None, True, DataParallel(1, 2))
+    record.write_text("{not json")
+    with pytest.raises(InputError, match="is not a readable checkpoint record"):
+        ParallelCheckpointer(folder, None, True, DataParallel(0, 2))
+    # a one-process fit is told what the folder holds, not started afresh over it
+    from napari_cell2location._infer._checkpoint import Checkpointer
+
+    with pytest.raises(InputError, match="holds the checkpoint of a data-parallel fit"):
+        Checkpointer(folder, None, True)
+
+
+def _fit_cli(cwd, *args, processes=1):
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    return subprocess.run(
+        [*launcher, "-m", "napari_cell2location", "fit", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_data_parallel_fit_resumes_to_the_same_answer(tmp_path):
+    """Two gloo processes: 6 epochs with checkpoints, then --resume to 10, equal the straight 10 epochs;
+    one process refuses the folder."""
+    syn = synthetic_visium(n_spots=120, n_genes=200, n_cell_types=5, seed=4)
+    syn.adata.write_h5ad(tmp_path / "section.h5ad")
+    syn.signatures.to_csv(tmp_path / "signatures.csv")
+    args = ["section.h5ad", "--signatures", "signatures.csv", "--batch-key", "batch", "--quiet", "--batch-size", "40"]
+    ck = ["--checkpoint-dir", "ck", "--checkpoint-every", "2"]
+    for run in (
+        [*args, "--max-epochs", "10", "--out", "straight.h5ad"],
+        [*args, *ck, "--max-epochs", "6", "--out", "first.h5ad"],
+        [*args, *ck, "--max-epochs", "10", "--resume", "--out", "resumed.h5ad"],
+    ):
+        done = _fit_cli(tmp_path, *run, processes=2)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "checkpoint.parallel.json",
+        "checkpoint.rank0-of-2.e10.pt",
+        "checkpoint.rank1-of-2.e10.pt",
+    ]
+    key = "means_cell_abundance_w_sf"
+    straight = anndata.read_h5ad(tmp_path / "straight.h5ad").obsm[key].to_numpy()
+    first = anndata.read_h5ad(tmp_path / "first.h5ad").obsm[key].to_numpy()
+    resumed = anndata.read_h5ad(tmp_path / "resumed.h5ad").obsm[key].to_numpy()
+    assert np.abs(straight - first).max() > 1e-3  # 6 epochs are not 10
+    np.testing.assert_array_equal(resumed, straight)
+    one = _fit_cli(tmp_path, *args, *ck, "--max-epochs", "12", "--resume", "--out", "one.h5ad")
+    assert one.returncode == 2 and "holds the checkpoint of a data-parallel fit" in one.stderr
+    assert len(one.stderr.strip().splitlines()) == 1
+
+
+def test_the_answer_does_not_depend_on_the_process(tmp_path):
+    """Same seed, two interpreters with different string hashing: the same posterior samples (the
+    draws of the observation-plate sites were once ordered by a set of their names)."""
+    syn = synthetic_visium(n_spots=40, n_genes=60, n_cell_types=3, seed=2)
+    syn.adata.write_h5ad(tmp_path / "section.h5ad")
+    syn.signatures.to_csv(tmp_path / "signatures.csv")
+    script = (
+        "import anndata, pandas as pd, numpy as np\n"
+        "from napari_cell2location.model import FitSettings, build_model\n"
+        "a = anndata.read_h5ad('section.h5ad'); sig = pd.read_csv('signatures.csv', index_col=0)\n"
+        "mod = build_model(a, sig, FitSettings(batch_key='batch'))\n"
+        "mod.train(max_epochs=3, seed=0, device='cpu', progress_bar=False)\n"
+        "s = mod.sample_posterior(num_samples=20, summaries=['means'])\n"
+        "np.save('out.npy', np.concatenate([np.ravel(v) for _, v in sorted(s['post_sample_means'].items())]))\n"
+    )
+    outs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs.append(np.load(tmp_path / "out.npy"))
+    np.testing.assert_array_equal(outs[0], outs[1])

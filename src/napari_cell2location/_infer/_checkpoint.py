@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: the checkpoint's file name inside ``checkpoint_dir``
 FILE_NAME = "checkpoint.pt"
+#: a data-parallel fit's record of its last whole checkpoint (``_checkpoint_parallel.py``)
+MANIFEST_NAME = "checkpoint.parallel.json"
 #: what the file says it is, and the version of its layout
 FORMAT, VERSION = "napari-cell2location checkpoint", 1
 #: without ``checkpoint_every``, a checkpoint about every this many optimiser steps (whole epochs)
@@ -161,6 +163,16 @@ def differences(saved: dict, here: dict) -> list[str]:
     return out
 
 
+def checked_folder(folder, every) -> Path:
+    """``checkpoint_dir`` as a path (not a file), with ``checkpoint_every`` checked."""
+    if every is not None and (isinstance(every, bool) or int(every) < 1):
+        raise InputError(f"checkpoint_every must be a positive number of epochs or None, got {every}")
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"checkpoint_dir {str(folder)!r} is a file, not a folder.")
+    return folder
+
+
 def read_checkpoint(path) -> dict:
     """Read a checkpoint file; one that is not a whole checkpoint of ours is an :class:`InputError`."""
     path = Path(path)
@@ -268,12 +280,16 @@ class Checkpointer:
         Seconds and bytes of each checkpoint written by this run.
     """
 
+    #: one file per process of a data-parallel fit (:class:`~._checkpoint_parallel.ParallelCheckpointer`)
+    PARALLEL = False
+
     def __init__(self, folder, every: int | None = None, resume: bool = False):
-        if every is not None and (isinstance(every, bool) or int(every) < 1):
-            raise InputError(f"checkpoint_every must be a positive number of epochs or None, got {every}")
-        folder = Path(folder).expanduser()
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"checkpoint_dir {str(folder)!r} is a file, not a folder.")
+        folder = checked_folder(folder, every)
+        if (folder / MANIFEST_NAME).exists():
+            raise InputError(
+                f"{str(folder)!r} holds the checkpoint of a data-parallel fit: resume it with torchrun and as many "
+                f"processes as wrote it ({str(folder / MANIFEST_NAME)!r} says how many), or {_ADVICE}."
+            )
         self.path = check_writable(folder / FILE_NAME, "checkpoint")
         self.every = None if every is None else int(every)
         self.saved = None
@@ -301,8 +317,11 @@ class Checkpointer:
         """
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise InputError("checkpoints are not supported in a data-parallel fit yet; leave checkpoint_dir out.")
+        if not self.PARALLEL and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise InputError(  # every process would write the same file
+                "several processes share this checkpoint folder: train with parallel=DataParallel.from_env() "
+                "(one file per process), or leave checkpoint_dir out."
+            )
         self.est, self.batches, self.stopper = est, batches, stopper
         self.fingerprint = fingerprint(est, stopper=stopper, **settings)
         if self.every is None:

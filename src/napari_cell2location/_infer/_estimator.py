@@ -32,6 +32,7 @@ from scipy import sparse
 
 from ..io import InputError, atomic_output, read_h5ad, reading
 from ._checkpoint import Checkpointer
+from ._checkpoint_parallel import ParallelCheckpointer
 from ._device import describe_device, resolve_device
 from ._posterior import DEFAULT_SUMMARIES, PosteriorMixin, check_summaries
 from ._training import check_training_args, consume, epoch_batches, svi_steps
@@ -226,7 +227,13 @@ class PyroEstimator(PosteriorMixin):
             pyro.set_rng_seed(int(seed))
         if resume and checkpoint_dir is None:
             raise InputError("resume needs the checkpoint's folder (checkpoint_dir, --checkpoint-dir)")
-        ckpt = None if checkpoint_dir is None else Checkpointer(checkpoint_dir, checkpoint_every, resume)
+        ckpt = None
+        if checkpoint_dir is not None:  # a data-parallel fit: one file per process
+            ckpt = (
+                Checkpointer(checkpoint_dir, checkpoint_every, resume)
+                if parallel is None
+                else ParallelCheckpointer(checkpoint_dir, checkpoint_every, resume, parallel)
+            )
         if before_setup is not None and self.guide.prototype_trace is None and getattr(ckpt, "saved", None) is None:
             before_setup(dev)
         self._ensure_guide(dev)

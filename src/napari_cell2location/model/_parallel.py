@@ -95,6 +95,9 @@ def iter_fit_parallel(adata, signatures: pd.DataFrame, settings, parallel: DataP
         device=settings.device,
         seed=settings.seed,
         early_stopping=stopper,
+        checkpoint_dir=settings.checkpoint_dir,
+        checkpoint_every=settings.checkpoint_every,
+        resume=settings.resume,
         parallel=parallel,
     )
     yield Stage("exporting")

@@ -20,7 +20,6 @@ import pandas as pd
 from .._contract import EXPORTED_SUMMARIES, QC_KEY
 from .._infer import AnswerStopper, DataParallel, Stage, consume
 from .._variants import ModelVariant
-from ..io import InputError
 from ._cell2location import Cell2location
 from ._parallel import iter_fit_parallel
 from ._qc import model_qc
@@ -188,8 +187,6 @@ def iter_fit(
     stopper = None
     if settings.max_epochs is None and settings.tolerance is not None:
         stopper = AnswerStopper(tolerance=settings.tolerance)
-    if parallel is not None and parallel.active and settings.checkpoint_dir is not None:
-        raise InputError("checkpoints are not supported in a data-parallel fit yet; leave the checkpoint folder out")
     if parallel is not None and parallel.active:
         return (yield from iter_fit_parallel(adata, signatures, settings, parallel, stopper))
     mod = build_model(adata, signatures, settings)
