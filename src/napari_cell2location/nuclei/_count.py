@@ -326,7 +326,7 @@ def estimate_n_cells_per_location(
     spot_shape: str = "circle",
     scaling: float | None = None,
     trim: float | None = None,
-    min_cells: float = 1.0,
+    min_cells: float | None = None,
 ) -> NCellsEstimate:
     """Estimate ``N_cells_per_location`` (tissue level and per spot) from nuclei counted per spot.
 
@@ -351,8 +351,10 @@ def estimate_n_cells_per_location(
         Fraction winsorised at each tail before the mean. Default (None): clip only outliers, counts
         beyond Tukey's far fences on the square-root scale (:func:`outlier_fences`), which leaves the mean
         of clean counts unbiased at every density while a fold or bubble is still clipped.
-    min_cells : float
-        Floor of the per-spot prior (the model needs positive values).
+    min_cells : float, optional
+        Floor of the per-spot prior (the model needs positive values). Default: 1 cell, or the tissue's
+        mean where that is lower (Visium HD's 2 µm bins hold ~0.1 cells each: a floor of 1 would put
+        ten times too many cells in every empty bin).
 
     Returns
     -------
@@ -373,7 +375,7 @@ def estimate_n_cells_per_location(
         raise ValueError("no in-tissue spots to estimate from")
     if trim is not None and not 0 <= trim < 0.5:
         raise ValueError(f"trim must be None or in [0, 0.5), got {trim}")
-    if not min_cells > 0:
+    if min_cells is not None and not min_cells > 0:
         raise ValueError(f"min_cells must be positive, got {min_cells}")
     _check_shape(spot_shape)
     if spot_diameter_um is None:
@@ -389,6 +391,8 @@ def estimate_n_cells_per_location(
     else:
         lo, hi = np.quantile(x, [trim, 1.0 - trim]) if trim > 0 else (x.min(), x.max())
     value = float(np.clip(x, lo, hi).mean())
+    if min_cells is None:
+        min_cells = min(1.0, value) if value > 0 else 1.0
     q05, q25, q50, q75, q95 = np.quantile(x, [0.05, 0.25, 0.5, 0.75, 0.95])
     per_spot = np.where(mask, np.maximum(c * factor, min_cells), max(value, min_cells))
     if value <= 0:
