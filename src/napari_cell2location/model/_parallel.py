@@ -88,21 +88,10 @@ def iter_fit_parallel(adata, signatures: pd.DataFrame, settings, parallel: DataP
     local = adata[part].copy()
     mod = shard_model(local, signatures, _shard_settings(settings, part, adata.n_obs), parallel)
     yield Stage("model", mod)
-    yield from mod.iter_train(
-        max_epochs=settings.max_epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        device=settings.device,
-        seed=settings.seed,
-        early_stopping=stopper,
-        checkpoint_dir=settings.checkpoint_dir,
-        checkpoint_every=settings.checkpoint_every,
-        resume=settings.resume,
-        parallel=parallel,
-    )
-    yield Stage("exporting")
-    from ._pipeline import export_fit
+    from ._pipeline import export_fit, train_fit  # the single-process pipeline's (which imports this module)
 
+    yield from train_fit(mod, settings, stopper, parallel)
+    yield Stage("exporting")
     result = export_fit(mod, local, settings)
     keys = [abundance_key(k) for k in settings.summaries] + [QC_KEY]
     parts = parallel.gather(({k: local.obsm[k] for k in keys}, local.uns["mod"], result.qc))

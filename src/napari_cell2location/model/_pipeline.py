@@ -149,6 +149,22 @@ def export_fit(mod: Cell2location, adata, settings: FitSettings) -> FitResult:
     return FitResult(mod, qc)
 
 
+def train_fit(mod: Cell2location, settings: FitSettings, stopper=None, parallel: DataParallel | None = None):
+    """``mod.iter_train`` with the settings' training fields (and the fast mode's ``stopper``)."""
+    return mod.iter_train(
+        max_epochs=settings.max_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        device=settings.device,
+        seed=settings.seed,
+        early_stopping=stopper,
+        checkpoint_dir=settings.checkpoint_dir,
+        checkpoint_every=settings.checkpoint_every,
+        resume=settings.resume,
+        parallel=parallel,
+    )
+
+
 def iter_fit(
     adata,
     signatures: pd.DataFrame,
@@ -191,17 +207,7 @@ def iter_fit(
         return (yield from iter_fit_parallel(adata, signatures, settings, parallel, stopper))
     mod = build_model(adata, signatures, settings)
     yield Stage("model", mod)
-    yield from mod.iter_train(
-        max_epochs=settings.max_epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        device=settings.device,
-        seed=settings.seed,
-        early_stopping=stopper,
-        checkpoint_dir=settings.checkpoint_dir,
-        checkpoint_every=settings.checkpoint_every,
-        resume=settings.resume,
-    )
+    yield from train_fit(mod, settings, stopper)
     yield Stage("exporting")
     return export_fit(mod, adata, settings)
 
