@@ -431,3 +431,19 @@ def test_saved_results_keep_their_qc(make_napari_viewer, tmp_path):
     assert len(worst) >= 1 and set(worst) <= set(range(60)) and set(expected) == set(worst)
     dock.qc.show_spot(int(worst[0]))
     assert "Load the model" in dock.qc.spot_label.value
+
+
+def test_a_plot_queued_for_a_closed_widget_is_dropped(qtbot, capsys):
+    """A redraw that arrives after its widget was deleted (a viewer closed right after a plot was asked
+    for) is dropped, not printed as a traceback from Qt's event loop; other errors still surface."""
+    from qtpy import sip
+
+    from napari_cell2location._qt._mpl import MplCanvas
+
+    plot = MplCanvas(placeholder="the loss appears here during a fit")
+    canvas = plot.canvas
+    plot.axes[0].plot([0, 1], [1, 0])
+    canvas.draw()  # a live canvas draws
+    sip.delete(canvas)
+    canvas.draw()  # what matplotlib's queued redraw calls: no error
+    assert "has been deleted" not in capsys.readouterr().err

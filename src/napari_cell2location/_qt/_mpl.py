@@ -13,11 +13,14 @@ def _canvas_class():
         """Qt Agg canvas whose queued redraw is dropped when the widget is gone (a viewer closed right after
         a plot was asked for), instead of raising from Qt's event loop."""
 
-        def _draw_idle(self):
+        def draw(self):
+            # matplotlib's queued redraw catches and prints what draw() raises, so the widget being gone
+            # ("wrapped C/C++ object ... has been deleted") is dropped here, where it is raised
             try:
-                super()._draw_idle()
-            except RuntimeError:  # "wrapped C/C++ object ... has been deleted"
-                pass
+                super().draw()
+            except RuntimeError as err:
+                if "has been deleted" not in str(err):
+                    raise
 
     return Canvas
 
