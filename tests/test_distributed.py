@@ -30,7 +30,7 @@ def test_single_process_layout():
     # shards of 3 processes cover every spot once, in order, sizes within one
     parts = [DataParallel(r, 3).shard(10) for r in range(3)]
     assert [p.start for p in parts] == [0, 3, 7] and [p.stop for p in parts] == [3, 7, 10]
-    assert DataParallel(0, 2).steps_per_epoch(1000, 300) == 4 and DataParallel(0, 2).steps_per_epoch(1000, None) is None
+    assert one.epoch_steps(1000, 300) == 4 and one.epoch_steps(1000, None) is None and one.epoch_steps(9, 20) is None
     with pytest.raises(InputError, match="cannot be shared by 4 processes"):
         DataParallel(0, 4).shard(3)
 

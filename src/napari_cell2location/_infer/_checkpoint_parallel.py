@@ -23,6 +23,18 @@ from ._checkpoint import _ADVICE, FILE_NAME, FORMAT, MANIFEST_NAME, Checkpointer
 logger = logging.getLogger(__name__)
 
 
+def open_checkpointer(folder, every: int | None, resume: bool, parallel=None) -> Checkpointer | None:
+    """The checkpointer of a training run: none without ``folder``, one file per process when ``parallel``
+    (an active :class:`~napari_cell2location._infer._distributed.DataParallel`), else one file."""
+    if folder is None:
+        if resume:
+            raise InputError("resume needs the checkpoint's folder (checkpoint_dir, --checkpoint-dir)")
+        return None
+    if parallel is None:
+        return Checkpointer(folder, every, resume)
+    return ParallelCheckpointer(folder, every, resume, parallel)
+
+
 class ParallelCheckpointer(Checkpointer):
     """:class:`Checkpointer` for one process of a data-parallel fit (``parallel``, a
     :class:`~napari_cell2location._infer._distributed.DataParallel`); every process makes one."""

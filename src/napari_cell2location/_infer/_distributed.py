@@ -86,11 +86,20 @@ class DataParallel:
         bounds = np.linspace(0, n_obs, self.world_size + 1).round().astype(int)
         return slice(int(bounds[self.rank]), int(bounds[self.rank + 1]))
 
-    def steps_per_epoch(self, n_total: int, batch_size: int | None) -> int | None:
-        """Steps of every rank in one epoch: the total spots over the total batch size (None: full data)."""
+    def epoch_steps(self, n_local: int, batch_size: int | None) -> int | None:
+        """Steps of every rank in one epoch (each rank holding ``n_local`` spots; collective): all spots
+        over the total ``batch_size``, or None for full-data steps."""
+        (n_total,) = self.sum(n_local)
+        n_total = int(n_total)
         if batch_size is None or int(batch_size) >= n_total:
             return None
-        return math.ceil(n_total / int(batch_size))
+        steps = math.ceil(n_total / int(batch_size))
+        if steps > n_local:
+            raise InputError(
+                f"batch size {batch_size} over {n_total} spots makes {steps} steps per epoch, more than the "
+                f"{n_local} spots of process {self.rank}; use a larger batch size."
+            )
+        return steps
 
     def device(self, device: torch.device) -> torch.device:
         """A CUDA device made this rank's own (``cuda:LOCAL_RANK``) when several processes train."""

@@ -31,8 +31,7 @@ from pyro.infer.autoguide.initialization import init_to_feasible, init_to_mean
 from scipy import sparse
 
 from ..io import InputError, atomic_output, read_h5ad, reading
-from ._checkpoint import Checkpointer
-from ._checkpoint_parallel import ParallelCheckpointer
+from ._checkpoint_parallel import open_checkpointer
 from ._device import describe_device, resolve_device
 from ._posterior import DEFAULT_SUMMARIES, PosteriorMixin, check_summaries
 from ._training import check_training_args, consume, epoch_batches, svi_steps
@@ -212,28 +211,14 @@ class PyroEstimator(PosteriorMixin):
         n_steps = None
         if parallel is not None and parallel.active:
             dev = parallel.device(dev)
-            (n_total,) = parallel.sum(self.n_obs)
-            n_steps = parallel.steps_per_epoch(int(n_total), batch_size)
-            if n_steps is not None and n_steps > self.n_obs:
-                raise InputError(
-                    f"batch size {batch_size} over {int(n_total)} spots makes {n_steps} steps per epoch, more "
-                    f"than the {self.n_obs} spots of process {parallel.rank}; use a larger batch size."
-                )
+            n_steps = parallel.epoch_steps(self.n_obs, batch_size)
             if n_steps is None:
                 batch_size = None  # every process trains on its whole shard
         else:
             parallel = None
         if seed is not None:
             pyro.set_rng_seed(int(seed))
-        if resume and checkpoint_dir is None:
-            raise InputError("resume needs the checkpoint's folder (checkpoint_dir, --checkpoint-dir)")
-        ckpt = None
-        if checkpoint_dir is not None:  # a data-parallel fit: one file per process
-            ckpt = (
-                Checkpointer(checkpoint_dir, checkpoint_every, resume)
-                if parallel is None
-                else ParallelCheckpointer(checkpoint_dir, checkpoint_every, resume, parallel)
-            )
+        ckpt = open_checkpointer(checkpoint_dir, checkpoint_every, resume, parallel)
         if before_setup is not None and self.guide.prototype_trace is None and getattr(ckpt, "saved", None) is None:
             before_setup(dev)
         self._ensure_guide(dev)
@@ -286,9 +271,8 @@ class PyroEstimator(PosteriorMixin):
             self._summary = None
 
     def _local_sites(self) -> set[str]:
-        """Latent sites in the observation plate (one value per observation), from the guide's trace."""
-        nodes = self.guide.prototype_trace.nodes
-        return {n for n, s in nodes.items() if s["type"] == "sample" and not s["is_observed"] and s["cond_indep_stack"]}
+        """Latent sites in the observation plate (one value per observation), as the module declares them."""
+        return set(self.module.list_obs_plate_vars()["sites"])
 
     def _global_parameters(self) -> list[torch.Tensor]:
         """The guide's parameters of the global sites (those a data-parallel fit replicates)."""

@@ -279,28 +279,30 @@ def epoch_batches(
     (callable, int)
         ``batches`` and ``steps_per_epoch``.
     """
+    if n_steps is None and (batch_size is None or int(batch_size) >= n_obs):
+        full_args = make_full_args()
+        return (lambda epoch: [full_args]), 1
     if n_steps is not None:
         if not 1 <= int(n_steps) <= n_obs:
             raise InputError(f"{n_obs} observations cannot make {n_steps} minibatches")
-        rng = np.random.default_rng(seed)
+        steps = int(n_steps)
 
-        def split(epoch):
-            return (make_args(np.sort(part)) for part in np.array_split(rng.permutation(n_obs), n_steps))
+        def parts(order):
+            return np.array_split(order, steps)
+    else:
+        size = int(batch_size)
+        steps = math.ceil(n_obs / size)
 
-        split.rng = rng  # its state is the minibatch order to come
-        return split, int(n_steps)
-    if batch_size is None or int(batch_size) >= n_obs:
-        full_args = make_full_args()
-        return (lambda epoch: [full_args]), 1
+        def parts(order):
+            return (order[i : i + size] for i in range(0, n_obs, size))
+
     rng = np.random.default_rng(seed)
-    size = int(batch_size)
 
     def batches(epoch):
-        order = rng.permutation(n_obs)
-        return (make_args(np.sort(order[i : i + size])) for i in range(0, n_obs, size))
+        return (make_args(np.sort(part)) for part in parts(rng.permutation(n_obs)))
 
     batches.rng = rng  # its state is the minibatch order to come (a checkpoint keeps it)
-    return batches, math.ceil(n_obs / size)
+    return batches, steps
 
 
 def svi_steps(
