@@ -155,6 +155,12 @@ CORE_MODULES = [
     "napari_cell2location.nuclei._fullres",
     "napari_cell2location.nuclei._signal",
     "napari_cell2location.datasets._fullres",
+    "napari_cell2location.io._visium_hd",
+    "napari_cell2location.datasets._visium_hd",
+    "napari_cell2location._infer._distributed",
+    "napari_cell2location._infer._checkpoint_parallel",
+    "napari_cell2location.model._parallel",
+    "napari_cell2location.model._persist",
 ]
 GUI_MODULES = ["qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "PySide2", "PySide6", "vispy"]
 

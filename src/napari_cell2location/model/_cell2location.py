@@ -26,13 +26,13 @@ from .._infer import (
     DataParallel,
     PyroEstimator,
     aligned_order,
-    json_ready,
     register_fields,
     to_numpy,
 )
 from .._variants import ModelVariant
-from ..io import MIN_SHARED_GENES, InputError, atomic_output, prepare_inputs, reading
+from ..io import MIN_SHARED_GENES, InputError, prepare_inputs
 from ._elbo import MeanFieldELBO
+from ._persist import SavedCell2location
 from ._priors import check_n_cells, detection_mean
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ AUTO_MAX_EPOCHS = 5000
 ORIGINAL_LR = 0.002
 
 
-class Cell2location(PyroEstimator):
+class Cell2location(SavedCell2location, PyroEstimator):
     """Cell2location: estimate the absolute abundance of reference cell types in each spot.
 
     Parameters
@@ -331,20 +331,13 @@ class Cell2location(PyroEstimator):
             stopper given, e.g. ``AnswerStopper(tolerance=0.005)`` to train further); default True
             with ``max_epochs=None``, else False.
         parallel : DataParallel, optional
-            This process's place in a data-parallel fit (``DataParallel.from_env()`` under ``torchrun``):
-            the model holds this process's shard of the spots, ``batch_size`` is the total over the
-            processes, and the global parameters are kept equal on all of them. Usually reached
-            through :func:`~napari_cell2location.model.iter_fit`, which makes the shards.
-        checkpoint_dir : str or path, optional
-            Folder of a checkpoint (``checkpoint.pt``: guide, optimiser state, history, stopper, random
-            state), written every ``checkpoint_every`` epochs, at the end and on interruption, each
-            time atomically. A folder that holds one already is refused unless ``resume``.
-        checkpoint_every : int, optional
-            Epochs between checkpoints (default about every 100 optimiser steps).
-        resume : bool
-            Continue from ``checkpoint_dir``'s checkpoint (made on the same data with the same settings)
-            to ``max_epochs`` epochs in all, to the same result as an uninterrupted fit; a fresh fit
-            when there is none. A damaged or foreign checkpoint is an ``InputError``.
+            This process's place in a data-parallel fit: the model holds its shard of the spots and
+            ``batch_size`` is the total (usually reached through ``iter_fit``, which makes the shards).
+        checkpoint_dir, checkpoint_every, resume : optional
+            Write a checkpoint into the folder ``checkpoint_dir`` every ``checkpoint_every`` epochs
+            (default about every 100 steps) and, with ``resume``, continue from the one there to
+            ``max_epochs`` in all, as an uninterrupted fit would
+            (:class:`~napari_cell2location._infer._checkpoint.Checkpointer` says what is kept and checked).
 
         Yields
         ------
@@ -474,54 +467,3 @@ class Cell2location(PyroEstimator):
         """Observed counts split by cell type (see the module's ``compute_expected_per_cell_type``)."""
         samples = samples if samples is not None else self.posterior_means()
         return self.module.compute_expected_per_cell_type(samples, self.batch_index, ind_x, x_data=self.X)
-
-    # ------------------------------------------------------------------ persistence
-    def _save_attrs(self) -> dict:
-        module = self.module
-        return {
-            "model_class": self.model_class.__name__,
-            "model_kwargs": json_ready(
-                {**self.model_kwargs, "detection_mean": to_numpy(module.detection_mean).ravel()}
-            ),
-            "detection_mean_per_sample": self.detection_mean_per_sample,
-            "detection_mean_correction": self.detection_mean_correction,
-            "nuclei_counts_weight": module.nuclei_counts_weight,
-            "nuclei_counts": json_ready(
-                None if module.nuclei_counts is None else to_numpy(module.nuclei_counts).ravel()
-            ),
-            "layer": self.layer,
-            "batch_key": self.batch_key,
-            "obs_names": list(self.obs_names),
-            "factor_names": self.factor_names_,
-        }
-
-    def _save_files(self, path) -> None:
-        with atomic_output(path / "cell_state_df.csv") as tmp:
-            self.cell_state_df.to_csv(tmp)
-
-    @classmethod
-    def _from_saved(cls, path, attrs: dict, adata):
-        if not pd.Index(adata.obs_names.astype(str)).equals(pd.Index(attrs["obs_names"])):
-            raise InputError("adata's spots differ from those the model was trained on")
-        with reading(path / "cell_state_df.csv", "saved signatures table"):
-            cell_state_df = pd.read_csv(path / "cell_state_df.csv", index_col=0)
-        cell_state_df.index = cell_state_df.index.astype(str)
-        kwargs = dict(attrs["model_kwargs"])
-        for key in ("N_cells_per_location", "detection_mean"):
-            if isinstance(kwargs.get(key), list):
-                kwargs[key] = np.asarray(kwargs[key])
-        obj = cls.__new__(cls)
-        obj._build(
-            adata,
-            cell_state_df,
-            ModelVariant.of(attrs["model_class"]),
-            {k: attrs[k] for k in ("layer", "batch_key") if attrs.get(k) is not None},
-            attrs["detection_mean_per_sample"],
-            attrs["detection_mean_correction"],
-            attrs.get("nuclei_counts"),
-            attrs.get("nuclei_counts_weight", 100.0),
-            kwargs,
-        )
-        if list(obj.var_names) != list(cell_state_df.index):
-            raise InputError("adata's genes do not match the saved model's genes")
-        return obj

@@ -242,16 +242,11 @@ class RegressionModel(PyroEstimator):
             'auto' (CUDA when present), 'cpu', or 'cuda[:n]'.
         seed : int, optional
             Seed of torch's and Pyro's random number generators and of the minibatch order.
-        checkpoint_dir : str or path, optional
-            Folder of a checkpoint (``checkpoint.pt``: guide, optimiser state, history, stopper, random
-            state), written every ``checkpoint_every`` epochs, at the end and on interruption, each
-            time atomically. A folder that holds one already is refused unless ``resume``.
-        checkpoint_every : int, optional
-            Epochs between checkpoints (default about every 100 optimiser steps).
-        resume : bool
-            Continue from ``checkpoint_dir``'s checkpoint (made on the same data with the same settings)
-            to ``max_epochs`` epochs in all, to the same result as an uninterrupted fit; a fresh fit
-            when there is none. A damaged or foreign checkpoint is an ``InputError``.
+        checkpoint_dir, checkpoint_every, resume : optional
+            Write a checkpoint into the folder ``checkpoint_dir`` every ``checkpoint_every`` epochs
+            (default about every 100 steps) and, with ``resume``, continue from the one there to
+            ``max_epochs`` in all, as an uninterrupted fit would
+            (:class:`~napari_cell2location._infer._checkpoint.Checkpointer` says what is kept and checked).
 
         Yields
         ------
