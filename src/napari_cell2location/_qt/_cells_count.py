@@ -63,10 +63,10 @@ def spot_geometry(spots_layer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _scalefactors(spots_layer) -> list[dict]:
+    from ..io import library_scalefactors
+
     ctx = context_of(spots_layer)
-    spatial = ctx.adata.uns.get("spatial", {}) if ctx is not None else {}
-    entries = spatial.values() if hasattr(spatial, "values") else []
-    return [dict(e.get("scalefactors", {}) or {}) for e in entries if hasattr(e, "get")]
+    return library_scalefactors(ctx.adata) if ctx is not None else []
 
 
 def spot_shape_of(spots_layer) -> str:

@@ -28,7 +28,7 @@ from ._validate import (
     validate_counts,
     validate_signatures,
 )
-from ._visium_hd import bin_side, is_visium_hd, read_visium_hd, visium_hd_bin_sizes
+from ._visium_hd import bin_side, is_visium_hd, library_scalefactors, read_visium_hd, visium_hd_bin_sizes
 
 __all__ = [
     "MIN_SHARED_GENES",
@@ -38,6 +38,7 @@ __all__ = [
     "atomic_output",
     "batch_codes",
     "bin_side",
+    "library_scalefactors",
     "check_writable",
     "count_matrix",
     "duplicated_names",

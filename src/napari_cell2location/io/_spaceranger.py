@@ -201,6 +201,21 @@ def _read_scalefactors(spatial: Path) -> dict:
     return scalefactors
 
 
+def read_count_matrix(folder: Path) -> anndata.AnnData:
+    """The (n_barcodes, n_genes) counts (CSR) of a Space Ranger folder or Visium HD bin folder: its
+    10x HDF5 matrix, else its mtx folder (filtered before raw)."""
+    for name in MATRIX_H5:
+        if (folder / name).is_file():
+            return _read_10x_h5(folder / name)
+    for name in MATRIX_DIRS:
+        if (folder / name).is_dir():
+            return _read_10x_mtx(folder / name)
+    raise InputError(  # read_spaceranger finds a matrix before it reads: this is a Visium HD bin folder's
+        f"{str(folder)!r} has no count matrix ({MATRIX_H5[0]}): Space Ranger writes one in every bin folder; "
+        "copy it along with spatial/."
+    )
+
+
 def read_spaceranger(path: str | os.PathLike, library_id: str | None = None) -> anndata.AnnData:
     """Read a Space Ranger ``outs/`` folder into an AnnData in the scanpy Visium layout.
 
@@ -230,12 +245,7 @@ def read_spaceranger(path: str | os.PathLike, library_id: str | None = None) -> 
     root = spaceranger_root(path)
     if root is None:
         raise InputError(f"{str(path)!r} is not a Space Ranger output folder (needs spatial/ and a count matrix).")
-    h5 = next((root / n for n in MATRIX_H5 if (root / n).is_file()), None)
-    adata = (
-        _read_10x_h5(h5)
-        if h5 is not None
-        else _read_10x_mtx(next(root / n for n in MATRIX_DIRS if (root / n).is_dir()))
-    )
+    adata = read_count_matrix(root)
     spatial = root / "spatial"
     pos = _read_positions(spatial)
     missing = adata.obs_names.difference(pos.index)

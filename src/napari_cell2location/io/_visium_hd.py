@@ -36,16 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ._files import reading
-from ._spaceranger import (
-    _POSITION_COLUMNS,
-    MATRIX_DIRS,
-    MATRIX_H5,
-    _has_matrix,
-    _read_10x_h5,
-    _read_10x_mtx,
-    _read_images,
-    _read_scalefactors,
-)
+from ._spaceranger import _POSITION_COLUMNS, _has_matrix, _read_images, _read_scalefactors, read_count_matrix
 from ._validate import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,20 +195,6 @@ def _pick_bin(bin_size, run: _Run, bins: dict[int, Path]) -> int:
     return size
 
 
-def _read_matrix(folder: Path) -> anndata.AnnData:
-    """The (n_bins, n_genes) counts of one bin folder (CSR, never dense)."""
-    for name in MATRIX_H5:
-        if (folder / name).is_file():
-            return _read_10x_h5(folder / name)
-    for name in MATRIX_DIRS:
-        if (folder / name).is_dir():
-            return _read_10x_mtx(folder / name)
-    raise InputError(
-        f"{str(folder)!r} has no count matrix ({MATRIX_H5[0]}): Space Ranger writes one in every bin folder; "
-        "copy it along with spatial/."
-    )
-
-
 def _match(df: pd.DataFrame, barcodes: pd.Index, path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """``df`` and the row of each of ``barcodes`` in it (-1 when absent); repeated barcodes are an error."""
     index = pd.Index(df["barcode"].astype(str))
@@ -340,7 +317,7 @@ def read_visium_hd(
     bins = _bin_folders(run)
     size = _pick_bin(bin_size, run, bins)
     folder = bins[size]
-    adata = _read_matrix(folder)
+    adata = read_count_matrix(folder)
     spatial = folder / "spatial"
     pos = _read_positions(spatial, adata.obs_names)
     for col in ("in_tissue", "array_row", "array_col"):
@@ -361,6 +338,14 @@ def read_visium_hd(
     return adata
 
 
+def library_scalefactors(adata) -> list[dict]:
+    """The scale factors of each library of a scanpy-layout table (``uns['spatial'][library]['scalefactors']``),
+    in library order; empty when it has none."""
+    spatial = adata.uns.get("spatial", {}) if hasattr(adata, "uns") else {}
+    entries = spatial.values() if hasattr(spatial, "values") else []
+    return [dict(e.get("scalefactors", {}) or {}) for e in entries if hasattr(e, "get")]
+
+
 def bin_side(adata) -> float | None:
     """Side of the square bins of a Visium HD table in full-resolution pixels, None for round spots.
 
@@ -374,12 +359,8 @@ def bin_side(adata) -> float | None:
     -------
     float or None
     """
-    spatial = adata.uns.get("spatial", {})
-    if not hasattr(spatial, "values"):
-        return None
-    for entry in spatial.values():
-        scalefactors = entry.get("scalefactors", {}) if hasattr(entry, "get") else {}
-        value = scalefactors.get(BIN_SIDE_KEY) if hasattr(scalefactors, "get") else None
+    for scalefactors in library_scalefactors(adata):
+        value = scalefactors.get(BIN_SIDE_KEY)
         if value is not None and np.isfinite(float(value)) and float(value) > 0:
             return float(value)
     return None

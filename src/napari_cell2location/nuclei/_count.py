@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..io import library_scalefactors
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -96,9 +98,7 @@ def spot_shape(scalefactors) -> str:
     str
     """
     if hasattr(scalefactors, "uns"):
-        spatial = scalefactors.uns.get("spatial", {})
-        entries = spatial.values() if hasattr(spatial, "values") else []
-        found = [e.get("scalefactors", {}) for e in entries if hasattr(e, "get")]
+        found = library_scalefactors(scalefactors)
         return "square" if any(spot_shape(f) == "square" for f in found) else "circle"
     if not hasattr(scalefactors, "get"):
         return "circle"
