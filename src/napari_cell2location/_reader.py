@@ -46,6 +46,7 @@ from .io import (
     shorten_paths,
     spatial_format,
 )
+from .io._visium_hd import BIN_SIZE_KEY
 
 #: what a reader returns when it read the file but has no layer to add (npe2's "null layer" value)
 NO_LAYERS = [(None,)]
@@ -159,7 +160,7 @@ def layer_data_from_path(path: str | os.PathLike, image: str | os.PathLike | Non
     fmt = spatial_format(path)
     if fmt == "visium_hd":  # 'run 8 µm bins': the run's name and the bin size read
         lib, entry = next(iter(adata.uns["spatial"].items()))
-        name = f"{lib} {entry['scalefactors']['bin_size_um']:g} µm bins"
+        name = f"{lib} {entry['scalefactors'][BIN_SIZE_KEY]:g} µm bins"
     layers = spatial_layer_data(adata, sdata, name=name or "spots", source=str(path))
     if fmt in _WITH_FULLRES:
         pyramid = fullres_image_for(path, image, adata=adata)

@@ -85,7 +85,9 @@ def spot_size_um(spots_layer) -> float | None:
     whose size the table does not say."""
     if spot_shape_of(spots_layer) == "circle":
         return SPOT_DIAMETER_UM
-    sizes = [float(f["bin_size_um"]) for f in _scalefactors(spots_layer) if f.get("bin_size_um")]
+    from ..io._visium_hd import BIN_SIZE_KEY
+
+    sizes = [float(f[BIN_SIZE_KEY]) for f in _scalefactors(spots_layer) if f.get(BIN_SIZE_KEY)]
     return sizes[0] if sizes else None
 
 

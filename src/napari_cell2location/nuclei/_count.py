@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import library_scalefactors
+from ..io._visium_hd import BIN_SIDE_KEY, BIN_SIZE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def spot_shape(scalefactors) -> str:
         return "square" if any(spot_shape(f) == "square" for f in found) else "circle"
     if not hasattr(scalefactors, "get"):
         return "circle"
-    for key in ("bin_size_um", "bin_side_fullres"):
+    for key in (BIN_SIZE_KEY, BIN_SIDE_KEY):
         value = scalefactors.get(key)
         try:
             if value is not None and float(value) > 0:
