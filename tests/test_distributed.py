@@ -168,7 +168,7 @@ def test_parallel_checkpoint_record_is_checked(tmp_path):
     record.write_text('{"format": "napari-cell2location checkpoint", "processes": 2, "epochs": 4}')
     with pytest.raises(InputError, match=r"over 2 processes; resume it with 2 \(torchrun --nproc-per-node 2\), not 3"):
         ParallelCheckpointer(folder, None, True, DataParallel(0, 3))
-    with pytest.raises(InputError, match="records the checkpoint of a fit: resume it"):
+    with pytest.raises(InputError, match="already holds the checkpoint of a fit: resume it"):
         ParallelCheckpointer(folder, None, False, DataParallel(0, 2))
     with pytest.raises(
         InputError, match=r"checkpoint.rank1-of-2.e4.pt.*process 1's part of the checkpoint, is missing"

@@ -284,27 +284,38 @@ class Checkpointer:
     PARALLEL = False
 
     def __init__(self, folder, every: int | None = None, resume: bool = False):
-        folder = checked_folder(folder, every)
+        self.folder = folder = checked_folder(folder, every)
+        self.every = None if every is None else int(every)
+        self.saved = None
+        self.writes: list[tuple[float, int]] = []
+        record = self._open(folder)
+        if record.exists():
+            if not resume:
+                raise InputError(
+                    f"{str(record)!r} already holds the checkpoint of a fit: resume it (resume=True, --resume, "
+                    f"or tick resume), or {_ADVICE}."
+                )
+            self.saved = self._read_saved()
+        elif resume:
+            logger.info("no checkpoint in %s: starting a fresh fit", folder)
+        for stale in folder.glob(self._partial_pattern()) if folder.is_dir() else ():
+            stale.unlink(missing_ok=True)  # left by a run killed while writing
+
+    def _open(self, folder):
+        """Refuse a folder of the other layout; set :attr:`path`; return the file that records a checkpoint."""
         if (folder / MANIFEST_NAME).exists():
             raise InputError(
                 f"{str(folder)!r} holds the checkpoint of a data-parallel fit: resume it with torchrun and as many "
                 f"processes as wrote it ({str(folder / MANIFEST_NAME)!r} says how many), or {_ADVICE}."
             )
         self.path = check_writable(folder / FILE_NAME, "checkpoint")
-        self.every = None if every is None else int(every)
-        self.saved = None
-        self.writes: list[tuple[float, int]] = []
-        if self.path.exists():
-            if not resume:
-                raise InputError(
-                    f"{str(self.path)!r} already holds the checkpoint of a fit: resume it (resume=True, --resume, "
-                    f"or tick resume), or {_ADVICE}."
-                )
-            self.saved = read_checkpoint(self.path)
-        elif resume:
-            logger.info("no checkpoint in %s: starting a fresh fit", folder)
-        for stale in folder.glob(f".{self.path.stem}.partial-*{self.path.suffix}") if folder.is_dir() else ():
-            stale.unlink(missing_ok=True)  # left by a run killed while writing
+        return self.path
+
+    def _read_saved(self) -> dict:
+        return read_checkpoint(self.path)
+
+    def _partial_pattern(self) -> str:
+        return f".{self.path.stem}.partial-*{self.path.suffix}"
 
     def start(self, est, *, batches, steps: int, stopper, max_epochs: int, **settings) -> tuple:
         """Bind to ``est``'s run; with a saved checkpoint, check it is this fit's and load it into ``est``,

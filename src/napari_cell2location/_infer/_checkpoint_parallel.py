@@ -15,12 +15,9 @@ The folder must be the same for every process (one machine, or a shared file sys
 from __future__ import annotations
 
 import json
-import logging
 
 from ..io import InputError, atomic_output, check_writable
-from ._checkpoint import _ADVICE, FILE_NAME, FORMAT, MANIFEST_NAME, Checkpointer, checked_folder, read_checkpoint
-
-logger = logging.getLogger(__name__)
+from ._checkpoint import _ADVICE, FILE_NAME, FORMAT, MANIFEST_NAME, Checkpointer, read_checkpoint
 
 
 def open_checkpointer(folder, every: int | None, resume: bool, parallel=None) -> Checkpointer | None:
@@ -42,35 +39,29 @@ class ParallelCheckpointer(Checkpointer):
     PARALLEL = True
 
     def __init__(self, folder, every: int | None, resume: bool, parallel):
-        self.folder = folder = checked_folder(folder, every)
         self.parallel = parallel
-        self.manifest = check_writable(folder / MANIFEST_NAME, "checkpoint")
-        self.every = None if every is None else int(every)
-        self.saved = None
-        self.writes: list[tuple[float, int]] = []
+        super().__init__(folder, every, resume)
+
+    def _open(self, folder):
         if (folder / FILE_NAME).exists():
             raise InputError(
                 f"{str(folder / FILE_NAME)!r} is the checkpoint of a one-process fit: resume it without torchrun, "
                 f"or {_ADVICE}."
             )
+        self.manifest = check_writable(folder / MANIFEST_NAME, "checkpoint")
         self.path = self._file(0)
-        if self.manifest.exists():
-            if not resume:
-                raise InputError(
-                    f"{str(self.manifest)!r} records the checkpoint of a fit: resume it (resume=True, --resume), or "
-                    f"{_ADVICE}."
-                )
-            epochs = self._recorded_epochs()
-            self.path = self._file(epochs)
-            if not self.path.exists():
-                raise InputError(
-                    f"{str(self.path)!r}, process {parallel.rank}'s part of the checkpoint, is missing; {_ADVICE}."
-                )
-            self.saved = read_checkpoint(self.path)
-        elif resume:
-            logger.info("no checkpoint in %s: starting a fresh fit", folder)
-        for stale in folder.glob(f".checkpoint.rank{parallel.rank}-of-*.partial-*") if folder.is_dir() else ():
-            stale.unlink(missing_ok=True)  # left by a run killed while writing
+        return self.manifest
+
+    def _read_saved(self) -> dict:
+        self.path = self._file(self._recorded_epochs())
+        if not self.path.exists():
+            raise InputError(
+                f"{str(self.path)!r}, process {self.parallel.rank}'s part of the checkpoint, is missing; {_ADVICE}."
+            )
+        return read_checkpoint(self.path)
+
+    def _partial_pattern(self) -> str:
+        return f".checkpoint.rank{self.parallel.rank}-of-*.partial-*"
 
     def _file(self, epochs: int):
         p = self.parallel

@@ -19,6 +19,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
+from .._jobs import run_to_end
 from ..io import InputError
 
 logger = logging.getLogger(__name__)
@@ -435,25 +436,24 @@ def consume(gen: Iterator, progress_bar: bool = True, desc: str = "training"):
     bar = None
     steps = 0
     start = time.perf_counter()
-    try:
-        while True:
-            try:
-                rec = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            if isinstance(rec, Stage):
-                logger.info("%s: %s", desc, rec.name)
-                continue
-            steps = rec.step
-            if progress_bar:
-                if bar is None:
-                    from tqdm import tqdm
 
-                    bar = tqdm(total=rec.total, desc=desc, unit="step")
-                bar.update(1)
-                if rec.step % 50 == 0 or rec.step == rec.total:
-                    bar.set_postfix(loss=f"{rec.loss:.4g}")
+    def each(rec) -> None:
+        nonlocal bar, steps
+        if isinstance(rec, Stage):
+            logger.info("%s: %s", desc, rec.name)
+            return
+        steps = rec.step
+        if progress_bar:
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=rec.total, desc=desc, unit="step")
+            bar.update(1)
+            if rec.step % 50 == 0 or rec.step == rec.total:
+                bar.set_postfix(loss=f"{rec.loss:.4g}")
+
+    try:
+        result = run_to_end(gen, each)
     finally:
         if bar is not None:
             bar.close()

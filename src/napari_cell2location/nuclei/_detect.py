@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from .._jobs import run_to_end
 from . import _split
 from ._signal import (
     _NOISE_BINS,
@@ -412,14 +413,7 @@ def detect_nuclei(image, *, progress: Callable[[DetectProgress], None] | None = 
     >>> data = synthetic_visium(n_spots=100)                           # doctest: +SKIP
     >>> nuclei = detect_nuclei(data.image, pixel_size_um=2.0)          # doctest: +SKIP
     """
-    gen = iter_detect_nuclei(image, **settings)
-    while True:
-        try:
-            rec = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(rec)
+    return run_to_end(iter_detect_nuclei(image, **settings), progress)
 
 
 def _detect_signature() -> inspect.Signature:

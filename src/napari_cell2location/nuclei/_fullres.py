@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._jobs import run_to_end
 from ._count import VISIUM_SPOT_DIAMETER_UM, _check_shape, count_nuclei_per_spot
 from ._detect import DetectProgress, iter_detect_nuclei
 
@@ -252,11 +253,4 @@ def detect_in_spots(image, *, progress: Callable[[DetectProgress], None] | None 
     -------
     SpotNuclei
     """
-    gen = iter_detect_in_spots(image, **settings)
-    while True:
-        try:
-            rec = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(rec)
+    return run_to_end(iter_detect_in_spots(image, **settings), progress)
