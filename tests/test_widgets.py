@@ -145,7 +145,13 @@ def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_pat
     assert 1 <= len(worst) <= N_SPOTS // 5 and set(worst) == results.selected_data
     qc.show_spot(int(worst[0]))
     assert "cells" in qc.spot_label.value
-    assert len(qc.spot_plot.axes[0].patches) > 0 and len(qc.overview.axes[0].collections) > 0
+    assert len(qc.spot_plot.axes[0].patches) > 0
+    # the model's QC figure is drawn when its tab is looked at, not at the end of the fit (the viewer waits)
+    assert not qc.overview.figure.axes
+    viewer.window._qt_window.show()
+    dock.show_tab("Spot QC")
+    qtbot.waitUntil(lambda: len(qc.overview.figure.axes) == 2, timeout=10_000)
+    assert len(qc.overview.figure.axes[0].collections) > 0 and len(qc.overview.figure.axes[1].lines) > 0
 
     # save: .h5ad (the table) and SpatialData .zarr, read back through the reader
     out_h5ad = dock.fit.save(path=tmp_path / "fit.h5ad")
@@ -447,3 +453,37 @@ def test_a_plot_queued_for_a_closed_widget_is_dropped(qtbot, capsys):
     sip.delete(canvas)
     canvas.draw()  # what matplotlib's queued redraw calls: no error
     assert "has been deleted" not in capsys.readouterr().err
+
+
+def test_a_plot_out_of_sight_is_drawn_when_shown(qtbot):
+    """A canvas on a hidden tab neither draws nor builds its plot until it is shown (a fit's end updates
+    plots on several tabs; the viewer would wait for each), then does both once."""
+    from napari_cell2location._qt._mpl import MplCanvas
+
+    plot = MplCanvas(placeholder="nothing yet")
+    calls = []
+
+    def draw_line():
+        calls.append(1)
+        plot.axes[0].plot([0, 1], [1, 0])
+
+    draws = []
+    plot.canvas.mpl_connect("draw_event", lambda _e: draws.append(1))
+    plot.plot(draw_line)
+    plot.draw()
+    qtbot.wait(100)
+    assert calls == [] and draws == [] and not plot.figure.axes  # hidden: nothing built, nothing drawn
+
+    plot.native.show()
+    qtbot.waitUntil(lambda: len(draws) >= 1, timeout=5_000)
+    assert calls == [1] and len(plot.figure.axes[0].lines) == 1
+    plot.plot(draw_line)  # in sight: built and drawn now
+    assert calls == [1, 1]
+    plot.show_placeholder("again")  # a placeholder drops a plot still waiting
+    plot.native.hide()
+    plot.plot(draw_line)
+    plot.show_placeholder("replaced")
+    plot.native.show()
+    qtbot.wait(100)
+    assert calls == [1, 1] and not plot.figure.axes
+    plot.native.close()

@@ -109,7 +109,11 @@ class SpotQCWidget(Container):
         self.info.value = f"QC saved with these results: {self._summarise(r)}. Load the model (Fit tab) for plots."
 
     def draw_overview(self):
-        """The model's QC figure: reconstruction 2D histogram (observed vs expected, log) and the ELBO."""
+        """The model's QC figure: reconstruction 2D histogram (observed vs expected, log) and the ELBO; drawn
+        when the tab is in sight (a fit ends with the Fit tab showing: the viewer need not wait for it)."""
+        self.overview.plot(self._plot_overview)
+
+    def _plot_overview(self):
         mod = self.state.model
         if mod is None:
             return
@@ -120,7 +124,6 @@ class SpotQCWidget(Container):
             ax.xaxis.label.set_fontsize(8)
             ax.yaxis.label.set_fontsize(8)
             ax.tick_params(labelsize=7)
-        self.overview.draw()
 
     # ------------------------------------------------------------------ spot colouring / selection
     def color_by(self, metric: str):
