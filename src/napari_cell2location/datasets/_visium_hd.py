@@ -199,6 +199,114 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     imsave(path, image, check_contrast=False)
 
 
+@dataclass
+class _Capture:
+    """The capture area: ``n`` x ``n`` finest bins (side ``fine`` µm) at ``margin`` µm from the image's corner, and
+    which are in tissue (the coarsest bins, side ``coarse``, whose centre is inside the section's outline; a
+    finer bin follows the coarse bin holding it)."""
+
+    n: int
+    fine: int
+    coarse: int
+    margin: float
+    section: _Section
+    coarse_in: np.ndarray  # (n_coarse, n_coarse) bool
+    fine_rc: np.ndarray  # (n * n, 2) finest bins' (row, col), row-major
+    fine_xy: np.ndarray  # (n * n, 2) their centres, (x, y) µm
+    tissue: np.ndarray  # finest in-tissue bins, row-major (the matrix's order)
+
+    @classmethod
+    def build(cls, n: int, fine: int, coarse: int, rng: np.random.Generator, n_zones: int) -> _Capture:
+        margin = 2.0 * coarse
+        section = _tissue_section(rng, n * fine, margin, n_zones)
+        k_max = coarse // fine
+        n_coarse = n // k_max
+        _, coarse_xy = _grid(n_coarse, coarse, margin)
+        coarse_in = (section.shape_distance(coarse_xy) <= 1.0).reshape(n_coarse, n_coarse)
+        fine_rc, fine_xy = _grid(n, fine, margin)
+        fine_in = coarse_in[fine_rc[:, 0] // k_max, fine_rc[:, 1] // k_max]
+        return cls(n, fine, coarse, margin, section, coarse_in, fine_rc, fine_xy, np.flatnonzero(fine_in))
+
+    def in_tissue_um(self, xy: np.ndarray) -> np.ndarray:
+        """Whether points (x, y) µm are in tissue, through the coarse bin (col, row) holding each."""
+        cr = np.floor((xy - self.margin) / self.coarse).astype(np.int64)
+        n_coarse = len(self.coarse_in)
+        ok = ((cr >= 0) & (cr < n_coarse)).all(1)
+        out = np.zeros(len(xy), bool)
+        out[ok] = self.coarse_in[cr[ok, 1], cr[ok, 0]]
+        return out
+
+
+def _cells_in_bins(grid: _Capture, rng, rng_place, types: list[str], n_zones: int, cells_per_100um2: float):
+    """Cells in the finest in-tissue bins, their types from the zones: (bins x types counts, one row a cell)."""
+    n_types = len(types)
+    zones = grid.section.zones(grid.fine_xy[grid.tissue])
+    preference = _zone_preference(rng, n_types, n_zones)
+    abundance = np.exp(rng.normal(0.0, 0.4, n_types))
+    density = _density(zones, rng.uniform(0.0, 1.0, n_zones))
+    mean_density = float(density.mean()) if len(density) else 1.0
+    expected = _expected_cells(density, mean_density, cells_per_100um2 * grid.fine**2 / 100)
+    w_sf = rng.multinomial(rng.poisson(expected), _type_probabilities(zones, preference, abundance))
+    owner = np.repeat(np.arange(len(grid.tissue)), w_sf.sum(1))
+    cell_xy = grid.fine_xy[grid.tissue][owner] + rng_place.uniform(-0.5, 0.5, (len(owner), 2)) * grid.fine
+    cell_type = np.repeat(np.tile(np.arange(n_types), len(grid.tissue)), w_sf.ravel())  # bin by bin, as owner
+    cells = pd.DataFrame({"x_um": cell_xy[:, 0], "y_um": cell_xy[:, 1],
+                          "cell_type": pd.Categorical.from_codes(cell_type, types)})  # fmt: skip
+    return w_sf, cells
+
+
+def _scalefactors(size: int, microns_per_pixel: float, hires_um: float) -> dict:
+    return {
+        "spot_diameter_fullres": size / microns_per_pixel,
+        "bin_size_um": float(size),
+        "microns_per_pixel": float(microns_per_pixel),
+        "tissue_hires_scalef": microns_per_pixel / hires_um,
+        "tissue_lowres_scalef": microns_per_pixel / (4 * hires_um),
+        "fiducial_diameter_fullres": 1.615 * 55.0 / microns_per_pixel,
+        "regist_target_img_scalef": microns_per_pixel / hires_um,
+    }
+
+
+def _write_bins(folder: Path, grid: _Capture, size: int, counts, w_sf, genes, microns_per_pixel: float):
+    """Write one bin size's matrix and positions into ``folder``: the finest bins' counts and cells summed
+    into the bins of ``size``. Returns the cells per bin and the barcodes of its in-tissue bins."""
+    import anndata
+
+    from ._fullres import _write_matrix_h5
+
+    k = size // grid.fine
+    m = grid.n // k
+    rc, xy = _grid(m, size, grid.margin)
+    in_tissue = grid.coarse_in[rc[:, 0] * size // grid.coarse, rc[:, 1] * size // grid.coarse]
+    barcodes = np.array([f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in rc], dtype=object)
+    # finest in-tissue bin -> its bin of this size, numbered among this size's in-tissue bins
+    number = np.full(m * m, -1)
+    number[in_tissue] = np.arange(int(in_tissue.sum()))
+    fine_rc = grid.fine_rc[grid.tissue]
+    parent = number[(fine_rc[:, 0] // k) * m + fine_rc[:, 1] // k]
+    pool = sparse.csr_matrix(
+        (np.ones(len(grid.tissue), np.float32), (parent, np.arange(len(grid.tissue)))),
+        shape=(int(in_tissue.sum()), len(grid.tissue)),
+    )
+    x = (pool @ counts).tocsr()
+    cells_here = np.rint(pool @ w_sf).astype(np.int64)
+    names = pd.Index(barcodes[in_tissue].astype(str))
+    adata = anndata.AnnData(X=x, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes))
+    (folder / "spatial").mkdir(parents=True, exist_ok=True)
+    _write_matrix_h5(folder / "filtered_feature_bc_matrix.h5", adata)
+    pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue.astype(np.int32),
+            "array_row": rc[:, 0].astype(np.int32),
+            "array_col": rc[:, 1].astype(np.int32),
+            "pxl_row_in_fullres": xy[:, 1] / microns_per_pixel,
+            "pxl_col_in_fullres": xy[:, 0] / microns_per_pixel,
+        }
+    ).to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
+    return cells_here, names
+
+
 def write_visium_hd(
     path,
     n_bins_side: int = 64,
@@ -260,116 +368,38 @@ def write_visium_hd(
     rng_layout, rng_cells, rng_expr, rng_counts, rng_image = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
     )
-    fine, coarse = sizes[0], sizes[-1]
-    side_um = n * fine
-    margin = 2.0 * coarse
     n_zones = int(min(6, n_cell_types))
-    section = _tissue_section(rng_layout, side_um, margin, n_zones)
-
-    # tissue: the coarsest bins whose centre is inside the outline; every finer bin follows its coarse one
-    k_max = coarse // fine
-    n_coarse = n // k_max
-    _, coarse_xy = _grid(n_coarse, coarse, margin)
-    coarse_in = (section.shape_distance(coarse_xy) <= 1.0).reshape(n_coarse, n_coarse)
-    fine_rc, fine_xy = _grid(n, fine, margin)
-    fine_in = coarse_in[fine_rc[:, 0] // k_max, fine_rc[:, 1] // k_max]
-    tissue = np.flatnonzero(fine_in)  # finest in-tissue bins, row-major (the matrix's order)
-
-    # cells in the finest bins, types from the zones
-    zones = section.zones(fine_xy[tissue])
-    preference = _zone_preference(rng_cells, n_cell_types, n_zones)
-    abundance = np.exp(rng_cells.normal(0.0, 0.4, n_cell_types))
-    density = _density(zones, rng_cells.uniform(0.0, 1.0, n_zones))
-    expected = _expected_cells(
-        density, float(density.mean()) if len(density) else 1.0, cells_per_100um2 * fine**2 / 100
-    )
-    w_sf = rng_cells.multinomial(rng_cells.poisson(expected), _type_probabilities(zones, preference, abundance))
+    grid = _Capture.build(n, sizes[0], sizes[-1], rng_layout, n_zones)
+    types = _names("Type_", n_cell_types, 2)
+    w_sf, cells = _cells_in_bins(grid, rng_cells, rng_image, types, n_zones, cells_per_100um2)
     g_gf, _ = _signatures(rng_expr, n_genes, n_cell_types)
-    counts, m_g = _draw_counts(rng_counts, g_gf, w_sf, float(fine**2))
-    genes, types = _names("gene_", n_genes, 4), _names("Type_", n_cell_types, 2)
+    counts, m_g = _draw_counts(rng_counts, g_gf, w_sf, float(grid.fine**2))
+    genes = _names("gene_", n_genes, 4)
 
-    n_cells = w_sf.sum(1)
-    owner = np.repeat(np.arange(len(tissue)), n_cells)
-    cell_xy = fine_xy[tissue][owner] + rng_image.uniform(-0.5, 0.5, (len(owner), 2)) * fine
-    cell_type = np.repeat(np.tile(np.arange(n_cell_types), len(tissue)), w_sf.ravel())  # bin by bin, as owner
-    cells = pd.DataFrame({"x_um": cell_xy[:, 0], "y_um": cell_xy[:, 1],
-                          "cell_type": pd.Categorical.from_codes(cell_type, types)})  # fmt: skip
-
-    extent_um = side_um + 2 * margin
+    extent_um = grid.n * grid.fine + 2 * grid.margin
     hires_um = max(1.0, extent_um / _HIRES_MAX_SIDE)
-
-    def tissue_um(xy):  # (x, y) µm -> whether in tissue, through the coarse bin (col, row) holding it
-        cr = np.floor((xy - margin) / coarse).astype(np.int64)
-        ok = ((cr >= 0) & (cr < n_coarse)).all(1)
-        out = np.zeros(len(xy), bool)
-        out[ok] = coarse_in[cr[ok, 1], cr[ok, 0]]
-        return out
-
-    hires = _render(rng_image, tissue_um, cell_xy, extent_um, hires_um)
+    cell_xy = cells[["x_um", "y_um"]].to_numpy()
+    hires = _render(rng_image, grid.in_tissue_um, cell_xy, extent_um, hires_um)
     lowres = hires[::4, ::4].copy()
     outs = Path(path).expanduser() / "outs"
     (outs / "spatial").mkdir(parents=True, exist_ok=True)
     _write_png(outs / "spatial" / "tissue_hires_image.png", hires)
     _write_png(outs / "spatial" / "tissue_lowres_image.png", lowres)
-
-    import anndata
-
-    from ._fullres import _write_matrix_h5
-
-    abundance_by_size, scalefactors_by_size = {}, {}
+    scalefactors_by_size = {s: _scalefactors(s, microns_per_pixel, hires_um) for s in sizes}
+    (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors_by_size[sizes[0]], indent=2))
+    abundance_by_size = {}
     for size in sizes:
-        k = size // fine
-        m = n // k
-        rc, xy = _grid(m, size, margin)
-        in_tissue = coarse_in[rc[:, 0] * size // coarse, rc[:, 1] * size // coarse]
-        barcodes = np.array([f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in rc], dtype=object)
-        # finest in-tissue bin -> its bin of this size, numbered among this size's in-tissue bins
-        number = np.full(m * m, -1)
-        number[in_tissue] = np.arange(int(in_tissue.sum()))
-        parent = number[(fine_rc[tissue, 0] // k) * m + fine_rc[tissue, 1] // k]
-        pool = sparse.csr_matrix(
-            (np.ones(len(tissue), np.float32), (parent, np.arange(len(tissue)))),
-            shape=(int(in_tissue.sum()), len(tissue)),
-        )
-        x = (pool @ counts).tocsr()
-        cells_here = np.rint(pool @ w_sf).astype(np.int64)
-        adata = anndata.AnnData(
-            X=x, obs=pd.DataFrame(index=pd.Index(barcodes[in_tissue].astype(str))), var=pd.DataFrame(index=genes)
-        )
         folder = outs / "binned_outputs" / f"square_{size:03d}um"
-        (folder / "spatial").mkdir(parents=True, exist_ok=True)
-        _write_matrix_h5(folder / "filtered_feature_bc_matrix.h5", adata)
-        pd.DataFrame(
-            {
-                "barcode": barcodes,
-                "in_tissue": in_tissue.astype(np.int32),
-                "array_row": rc[:, 0].astype(np.int32),
-                "array_col": rc[:, 1].astype(np.int32),
-                "pxl_row_in_fullres": xy[:, 1] / microns_per_pixel,
-                "pxl_col_in_fullres": xy[:, 0] / microns_per_pixel,
-            }
-        ).to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
-        scalefactors = {
-            "spot_diameter_fullres": size / microns_per_pixel,
-            "bin_size_um": float(size),
-            "microns_per_pixel": float(microns_per_pixel),
-            "tissue_hires_scalef": microns_per_pixel / hires_um,
-            "tissue_lowres_scalef": microns_per_pixel / (4 * hires_um),
-            "fiducial_diameter_fullres": 1.615 * 55.0 / microns_per_pixel,
-            "regist_target_img_scalef": microns_per_pixel / hires_um,
-        }
-        (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=2))
+        cells_here, barcodes = _write_bins(folder, grid, size, counts, w_sf, genes, microns_per_pixel)
+        (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors_by_size[size], indent=2))
         _write_png(folder / "spatial" / "tissue_hires_image.png", hires)
         _write_png(folder / "spatial" / "tissue_lowres_image.png", lowres)
-        if size == fine:
-            (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=2))
-        abundance_by_size[size] = pd.DataFrame(cells_here, index=adata.obs_names, columns=types)
-        scalefactors_by_size[size] = scalefactors
+        abundance_by_size[size] = pd.DataFrame(cells_here, index=barcodes, columns=types)
 
     seconds = time.perf_counter() - start
     logger.info(
         "write_visium_hd: %d x %d bins of %d µm (%s µm written), %d in tissue, %d cells, %d genes in %.1f s",
-        n, n, fine, "/".join(map(str, sizes)), len(tissue), len(cells), n_genes, seconds,
+        n, n, grid.fine, "/".join(map(str, sizes)), len(grid.tissue), len(cells), n_genes, seconds,
     )  # fmt: skip
     return SyntheticVisiumHD(
         outs=outs,
