@@ -192,6 +192,84 @@ def _check(image, pixel_size_um, kind, nucleus_diameter_um, chunk_size, method, 
     return axis, spatial
 
 
+def _halo(radius_px: float, min_distance: int, method: str, split: bool) -> int:
+    """Pixels read around each tile so that what its core holds is found as on the whole image."""
+    halo = int(math.ceil(4.0 * 3.0 * radius_px)) + min_distance + 2
+    if method != "peaks":
+        halo = max(halo, int(math.ceil(4 * radius_px)) + 2)  # whole nuclei at the core's edge
+    if split:
+        halo = max(halo, _split.split_halo(radius_px))
+    return halo
+
+
+def _read_block(image, axis: int | None, a0: int, a1: int, b0: int, b1: int) -> np.ndarray:
+    """Rows ``a0:a1`` and columns ``b0:b1`` of ``image`` (all channels, on ``axis``), read into memory."""
+    if axis is None:
+        block = image[a0:a1, b0:b1]
+    else:
+        index = [slice(a0, a1), slice(b0, b1)]
+        index.insert(axis, slice(None))
+        block = image[tuple(index)]
+    return np.asarray(block.compute() if hasattr(block, "compute") else block)
+
+
+class _Candidates:
+    """What the tiles found: the maxima each tile's core owns (every maximum is owned by exactly one tile)
+    and, when splitting touching nuclei, the lobes of their blobs."""
+
+    def __init__(self, split: bool):
+        self.splitting = split
+        self.rows, self.cols, self.resp, self.contrast = [], [], [], []
+        self.seeds, self.depths, self.seed_contrast = [], [], []
+        self.n = 0
+
+    def add(self, signal: np.ndarray, peaks: np.ndarray, values: np.ndarray, origin, core, radius_px: float):
+        """Keep the maxima ``peaks`` (block pixels; the block starts at ``origin`` = (row, col) of the image)
+        that lie in ``core`` = (r0, r1, c0, c1)."""
+        (a0, b0), (r0, r1, c0, c1) = origin, core
+
+        def inside(r, c):
+            return (r >= r0 - 0.5) & (r < r1 - 0.5) & (c >= c0 - 0.5) & (c < c1 - 0.5)
+
+        pr, pc = peaks[:, 0] + a0, peaks[:, 1] + b0
+        own = inside(pr, pc)
+        if self.splitting:
+            lobes, depth, lobe_contrast, peak_contrast = _split.blob_seeds(signal, radius_px, peaks[own])
+            lr, lc = lobes[:, 0] + a0, lobes[:, 1] + b0
+            mine = inside(lr, lc)
+            self.seeds.append(np.stack([lr[mine], lc[mine]], axis=1))
+            self.depths.append(depth[mine])
+            self.seed_contrast.append(lobe_contrast[mine])
+            self.contrast.append(peak_contrast)
+        self.rows.append(pr[own].astype(np.float32))
+        self.cols.append(pc[own].astype(np.float32))
+        self.resp.append(values[own].astype(np.float32))
+        self.n += int(own.sum())
+
+    def maxima(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, columns and responses of every maximum kept."""
+        return tuple(np.concatenate(x) if x else np.zeros(0, np.float32) for x in (self.rows, self.cols, self.resp))
+
+    def split(self, out: pd.DataFrame, keep: np.ndarray, radius_px: float) -> tuple[pd.DataFrame, int]:
+        """``out`` (the maxima ``keep`` selects) with touching nuclei split: centres added in the lobes of a
+        blob (``split`` True), and the number split off."""
+        stays, extra, parent = _split.split_centres(
+            out[["row", "col"]].to_numpy(),
+            np.concatenate(self.contrast)[keep],
+            np.concatenate(self.seeds),
+            np.concatenate(self.depths),
+            np.concatenate(self.seed_contrast),
+            radius_px,
+        )
+        n_split = len(extra) - int((~stays).sum())
+        if len(extra):
+            added = pd.DataFrame(
+                {"row": extra[:, 0], "col": extra[:, 1], "response": out["response"].to_numpy()[parent], "split": True}
+            )
+            out = pd.concat([out[stays], added], ignore_index=True)
+        return out, n_split
+
+
 def iter_detect_nuclei(
     image,
     *,
@@ -279,52 +357,24 @@ def iter_detect_nuclei(
     split = bool(split_touching) and method == "peaks" and radius_px >= 1.0
     radius_px = max(radius_px, 0.5)
     min_distance = max(1, int(round(0.6 * radius_px)))
-    halo = int(math.ceil(4.0 * 3.0 * radius_px)) + min_distance + 2
     model = _load_model(method, kind) if method != "peaks" else None
-    if method != "peaks":
-        halo = max(halo, int(math.ceil(4 * radius_px)) + 2)  # whole nuclei at the core's edge
-    if split:
-        halo = max(halo, _split.split_halo(radius_px))
+    halo = _halo(radius_px, min_distance, method, split)
     tiles = _tiles((h, w), int(chunk_size), regions)
-    rows, cols, resp, contrast = [], [], [], []
-    seeds, depths, seed_contrast = [], [], []
+    found = _Candidates(split)
     noise_hist = np.zeros(len(_NOISE_BINS) - 1, dtype=np.int64)
     start = time.perf_counter()
-    n_cand = 0
     for i, (r0, r1, c0, c1) in enumerate(tiles):
-        a0, a1, b0, b1 = max(r0 - halo, 0), min(r1 + halo, h), max(c0 - halo, 0), min(c1 + halo, w)
-        if axis is None:
-            block = image[a0:a1, b0:b1]
-        else:
-            index = [slice(a0, a1), slice(b0, b1)]
-            index.insert(axis, slice(None))
-            block = image[tuple(index)]
-        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
-        signal = nuclear_signal(block, kind, None if axis is None else axis)
-        del block
+        a0, b0 = max(r0 - halo, 0), max(c0 - halo, 0)
+        signal = nuclear_signal(_read_block(image, axis, a0, min(r1 + halo, h), b0, min(c1 + halo, w)), kind, axis)
         noise_hist += _diff_histogram(signal, slice(r0 - a0, r1 - a0), slice(c0 - b0, c1 - b0))
         if model is None:
             peaks, values = _dog_peaks(signal, radius_px, min_distance)
         else:
             peaks, values = _model_centres(signal, method, model, radius_px)
-        # keep the maxima in this tile's core: every maximum is owned by exactly one tile
-        pr, pc = peaks[:, 0] + a0, peaks[:, 1] + b0
-        own = (pr >= r0 - 0.5) & (pr < r1 - 0.5) & (pc >= c0 - 0.5) & (pc < c1 - 0.5)
-        if split:
-            lobes, depth, lobe_contrast, peak_contrast = _split.blob_seeds(signal, radius_px, peaks[own])
-            lr, lc = lobes[:, 0] + a0, lobes[:, 1] + b0
-            mine = (lr >= r0 - 0.5) & (lr < r1 - 0.5) & (lc >= c0 - 0.5) & (lc < c1 - 0.5)
-            seeds.append(np.stack([lr[mine], lc[mine]], axis=1))
-            depths.append(depth[mine])
-            seed_contrast.append(lobe_contrast[mine])
-            contrast.append(peak_contrast)
+        found.add(signal, peaks, values, (a0, b0), (r0, r1, c0, c1), radius_px)
         del signal
-        rows.append(pr[own].astype(np.float32))
-        cols.append(pc[own].astype(np.float32))
-        resp.append(values[own].astype(np.float32))
-        n_cand += int(own.sum())
-        yield DetectProgress(i + 1, len(tiles), n_cand, time.perf_counter() - start)
-    row, col, value = (np.concatenate(x) if x else np.zeros(0, np.float32) for x in (rows, cols, resp))
+        yield DetectProgress(i + 1, len(tiles), found.n, time.perf_counter() - start)
+    row, col, value = found.maxima()
     floor = NOISE_K * dog_noise_factor(radius_px) * pixel_noise_from_histogram(noise_hist)
     if model is not None:
         thr = 0.0
@@ -341,22 +391,7 @@ def iter_detect_nuclei(
             "split": np.zeros(int(keep.sum()), dtype=bool),
         }
     )
-    n_split = 0
-    if split and len(out):
-        stays, extra, parent = _split.split_centres(
-            out[["row", "col"]].to_numpy(),
-            np.concatenate(contrast)[keep],
-            np.concatenate(seeds),
-            np.concatenate(depths),
-            np.concatenate(seed_contrast),
-            radius_px,
-        )
-        n_split = len(extra) - int((~stays).sum())
-        if len(extra):
-            added = pd.DataFrame(
-                {"row": extra[:, 0], "col": extra[:, 1], "response": out["response"].to_numpy()[parent], "split": True}
-            )
-            out = pd.concat([out[stays], added], ignore_index=True)
+    out, n_split = found.split(out, keep, radius_px) if split and len(out) else (out, 0)
     out.attrs.update(
         {
             "threshold": float(thr),
