@@ -247,3 +247,31 @@ def test_the_answer_does_not_depend_on_the_process(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         outs.append(np.load(tmp_path / "out.npy"))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_shards_get_the_whole_sections_genes_batches_and_detection_mean():
+    """What every shard's model is built with (genes with counts anywhere, every batch, detection_mean)
+    equals what one process computes on the whole section, also when a gene has counts in one shard only
+    and the spots have their own N."""
+    from napari_cell2location.model._parallel import section_inputs, shard_summary
+
+    syn = synthetic_visium(n_spots=60, n_genes=80, n_cell_types=4, seed=0)
+    adata = syn.adata.copy()
+    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.array(adata.X)
+    x[:30, 5] = 0  # gene 5: counts in the second shard only
+    x[30:, 7] = 0  # gene 7: in the first only
+    x[:, 9] = 0  # gene 9: nowhere (dropped by both)
+    adata.X = x
+    n_cells = np.random.default_rng(0).uniform(3, 12, adata.n_obs)
+    parts = [slice(0, 30), slice(30, 60)]
+    for n in (6.0, n_cells):
+        settings = FitSettings(batch_key="batch", n_cells_per_location=n)
+        full = build_model(adata.copy(), syn.signatures, settings)
+        shard_settings = [
+            FitSettings(batch_key="batch", n_cells_per_location=n if np.ndim(n) == 0 else n[p]) for p in parts
+        ]
+        shards = [build_model(adata[p].copy(), syn.signatures, s) for p, s in zip(parts, shard_settings, strict=True)]
+        assert [m.n_vars for m in shards] == [full.n_vars - 1, full.n_vars - 1]  # each misses one gene
+        got = section_inputs([shard_summary(m) for m in shards], adata.var_names, syn.signatures)
+        assert got["genes"] == list(full.var_names) and got["batch_names"] == list(full.batch_names)
+        assert got["detection_mean"] == pytest.approx(full.model_kwargs["detection_mean"], rel=1e-6)

@@ -9,6 +9,7 @@ arrays of ``uns['mod']``, the QC) are concatenated, the global ones are the same
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import replace
 
@@ -34,18 +35,31 @@ def _shard_settings(settings, part: slice, n_obs: int):
     return replace(settings, n_cells_per_location=n_cells)
 
 
-def _section_inputs(mod: Cell2location, parallel: DataParallel) -> dict:
-    """What the whole section gives every shard's model: its genes (those with counts anywhere, in the
-    data's order), its batches, and detection_mean (a mean over spots: shards weighted by size)."""
-    local = mod.model_kwargs["detection_mean"]
-    if np.ndim(local):
+def shard_summary(mod: Cell2location) -> tuple:
+    """What one shard's model (built on its spots alone) tells the others about the whole section: its genes
+    with counts, its batches, the sum over its spots of total counts / N_cells_per_location, its spots."""
+    if np.ndim(mod.model_kwargs["detection_mean"]):
         raise InputError("a data-parallel fit takes one detection_mean for all sections (not per sample)")
-    parts = parallel.all_gather((list(mod.var_names), list(mod.batch_names), float(local), mod.n_obs))
-    order = {g: i for i, g in enumerate(mod.adata.var_names.astype(str))}
+    totals = np.asarray(mod.X.sum(axis=1), dtype=np.float64).ravel()
+    n_cells = mod.model_kwargs.get("N_cells_per_location")
+    if n_cells is None:  # the module's default
+        n_cells = inspect.signature(mod.model_class.__init__).parameters["N_cells_per_location"].default
+    n_cells = np.asarray(n_cells, dtype=np.float64).ravel()
+    per_cell = totals / (n_cells if len(n_cells) == len(totals) else n_cells[0])
+    return list(mod.var_names), list(mod.batch_names), float(per_cell.sum()), mod.n_obs
+
+
+def section_inputs(parts: list[tuple], data_genes, signatures: pd.DataFrame) -> dict:
+    """The whole section's model inputs from every shard's :func:`shard_summary`, as one process computes
+    them on the whole section: genes with counts anywhere (in the data's order ``data_genes``), every
+    batch, and detection_mean (the mean over all spots of total counts / N, over the mean signature total
+    of those genes; ``spec/MODEL.md`` §1)."""
+    order = {g: i for i, g in enumerate(pd.Index(data_genes).astype(str))}
     genes = sorted(set().union(*(p[0] for p in parts)), key=order.__getitem__)
     batches = sorted(set().union(*(p[1] for p in parts)))
-    detection = sum(p[2] * p[3] for p in parts) / sum(p[3] for p in parts)
-    return {"genes": genes, "batch_names": batches, "detection_mean": detection}
+    per_cell = sum(p[2] for p in parts) / sum(p[3] for p in parts)
+    sig_total = float(signatures.reindex(genes).sum(axis=0).mean())
+    return {"genes": genes, "batch_names": batches, "detection_mean": per_cell / sig_total}
 
 
 def shard_model(local, signatures: pd.DataFrame, settings, parallel: DataParallel) -> Cell2location:
@@ -57,7 +71,8 @@ def shard_model(local, signatures: pd.DataFrame, settings, parallel: DataParalle
     from ._pipeline import build_model  # the single-process pipeline's (which imports this module)
 
     mod = build_model(local, signatures, settings)
-    return build_model(local, signatures, settings, **_section_inputs(mod, parallel))
+    parts = parallel.all_gather(shard_summary(mod))
+    return build_model(local, signatures, settings, **section_inputs(parts, local.var_names, signatures))
 
 
 def _merge_uns(parts: list[dict], local_sites: set[str]) -> dict:
