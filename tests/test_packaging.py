@@ -64,6 +64,29 @@ def test_npe2_plugin_manager_discovers_plugin():
     assert DIST_NAME in {m.name for m in pm.iter_manifests()}
 
 
+def test_reader_claims_only_what_it_reads(tmp_path):
+    """napari asks the user to choose a reader whenever two plugins' patterns match a file: the manifest
+    names only the files this reader reads (spatial .h5ad, .zarr, TIFF-like scans) and folders, so an
+    image, a table or an array opens in napari's own reader without asking."""
+    from npe2 import PluginManager
+
+    from napari_cell2location.io._fullres import TIFF_SUFFIXES
+
+    pm = PluginManager()
+    pm.discover(include_npe1=False)
+
+    def ours(path) -> bool:
+        return DIST_NAME in {r.plugin_name for r in pm.iter_compatible_readers([str(path)])}
+
+    folder = tmp_path / "outs"
+    folder.mkdir()
+    for name in ("section.h5ad", "Section.H5AD", "store.zarr", "scan.ome.tif", *(f"scan{s}" for s in TIFF_SUFFIXES)):
+        assert ours(tmp_path / name), name
+    assert ours(folder)
+    for name in ("photo.png", "photo.jpg", "table.csv", "array.npy", "notes.txt", "matrix.h5"):
+        assert not ours(tmp_path / name), name
+
+
 @pytest.mark.slow
 def test_wheel_ships_manifest_and_npe2_finds_it(tmp_path):
     dist = tmp_path / "dist"
