@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bin-size",
         type=_positive_int,
         default=None,
-        help="Visium HD outs/ folder: bin size in µm to fit (2, 8 or 16; default 8)",
+        help="Visium HD (outs/ folder, or a SpatialData of its bins): bin size in µm to fit (2, 8 or 16; default 8)",
     )
     fit.add_argument("--save-model", default=None, help="also save the trained model to this folder")
     _add_fit_options(fit, epochs=None, lr=None)

@@ -38,12 +38,16 @@ from .io._sections import (
     side_by_side_shifts,
     spatialdata_sections,
 )
-from .io._visium_hd import bin_side
+from .io._spatial import bin_tables
+from .io._visium_hd import BIN_SIZE_KEY, bin_side
 
 logger = logging.getLogger(__name__)
 
 #: metadata key on a spots layer holding the :class:`SpotContext`
 CONTEXT_KEY = "cell2location"
+#: key of :attr:`SpotContext.extra` saying the spots are ``'square'`` bins (a SpatialData's Visium HD bins; the
+#: scanpy layout says it in its scale factors); ``extra[BIN_SIZE_KEY]`` is then their size in µm when known
+SHAPE_KEY = "spot_shape"
 #: metadata key of a layer's whole feature table, when its ``features`` hold only what hovering shows
 FEATURE_TABLE_KEY = "cell2location_features"
 #: features hovering a spot always shows, when the table has them (besides what colours the layer)
@@ -261,8 +265,11 @@ def spatial_layer_data(
         ``(data, kwargs, 'image' | 'points')``; images first. The points layer's ``metadata``
         holds a :class:`SpotContext` under ``'cell2location'``.
     """
+    shape = "circle"
     if sdata is not None:
-        sections, yx, diameter, _ = spatialdata_sections(sdata, table_key)
+        if table_key is None:  # the table read (a Visium HD store has one per bin size)
+            table_key = next((k for k, t in sdata.tables.items() if t is adata), None)
+        sections, yx, diameter, table_key, shape = spatialdata_sections(sdata, table_key)
     else:
         sections, yx, diameter = scanpy_sections(adata)
     missing = ~np.isfinite(yx).all(1)
@@ -288,6 +295,11 @@ def spatial_layer_data(
     ctx = SpotContext(adata=adata, sdata=sdata, signatures=signatures, source=source)
     kwargs = {"name": name, "size": float(diameter), "border_width": 0.0, "opacity": 0.85}
     kwargs.update(_bin_kwargs(adata if sdata is None else None))
+    if shape == "square":  # a SpatialData's square bins (spatialdata-io's Visium HD)
+        kwargs["symbol"] = ctx.extra[SHAPE_KEY] = "square"
+        size_um = {key: size for size, key in bin_tables(sdata).items()}.get(table_key)
+        if size_um is not None:
+            ctx.extra[BIN_SIZE_KEY] = float(size_um)
     kwargs.update(_table_kwargs(spot_features(adata)))
     kwargs["metadata"][CONTEXT_KEY] = ctx
     layers.append((yx, kwargs, "points"))
@@ -435,7 +447,7 @@ def results_layer_data(yx: np.ndarray, size, adata, ctx: SpotContext, qc=None, n
     if qc is not None:
         table = pd.concat([table, qc[[c for c in qc.columns if c not in table]].reset_index(drop=True)], axis=1)
     kwargs = {"name": name, "size": size, "border_width": 0.0, **_table_kwargs(table)}
-    if _bin_kwargs(adata if ctx.sdata is None else None):  # Visium HD bins: squares, as the bins' own layer
+    if _bin_kwargs(adata if ctx.sdata is None else None) or ctx.extra.get(SHAPE_KEY) == "square":  # HD bins
         kwargs["symbol"] = "square"
     kwargs["metadata"][CONTEXT_KEY] = ctx
     return np.asarray(yx, dtype=float), kwargs, "points"

@@ -8,7 +8,8 @@ coordinates (see :mod:`napari_cell2location._layers`); several datasets opened t
 
 A Visium HD ``outs/`` folder opens its 8 µm bins as squares of their true size; its
 ``binned_outputs/square_NNNum/`` folder opens the bins of that size instead (a reader takes no options). Its
-full-resolution image is found and shown as for standard Visium (below).
+full-resolution image is found and shown as for standard Visium (below). A SpatialData of Visium HD bins
+(spatialdata-io's ``visium_hd``: square polygons, one table per bin size) opens its 8 µm bins the same way.
 
 Full-resolution scans open as multiscale Image layers, read lazily
 (:func:`~napari_cell2location.io.open_fullres_image`):
@@ -38,6 +39,7 @@ from ._layers import place_side_by_side, spatial_layer_data
 from .io import (
     InputError,
     Pyramid,
+    bin_tables,
     fullres_image_for,
     is_tiff_name,
     open_fullres_image,
@@ -161,6 +163,9 @@ def layer_data_from_path(path: str | os.PathLike, image: str | os.PathLike | Non
     if fmt == "visium_hd":  # 'run 8 µm bins': the run's name and the bin size read
         lib, entry = next(iter(adata.uns["spatial"].items()))
         name = f"{lib} {entry['scalefactors'][BIN_SIZE_KEY]:g} µm bins"
+    elif sdata is not None:  # spatialdata-io's Visium HD: the table read is that of one bin size
+        size = next((s for s, key in bin_tables(sdata).items() if sdata.tables[key] is adata), None)
+        name = name if size is None else f"{name} {size:g} µm bins"
     layers = spatial_layer_data(adata, sdata, name=name or "spots", source=str(path))
     if fmt in _WITH_FULLRES:
         pyramid = fullres_image_for(path, image, adata=adata)

@@ -14,6 +14,7 @@
 import numpy as np
 import pandas as pd
 
+from ..io._visium_hd import BIN_SIZE_KEY
 from ._notify import tell
 from ._state import context_of
 
@@ -66,7 +67,10 @@ def _scalefactors(spots_layer) -> list[dict]:
     from ..io import library_scalefactors
 
     ctx = context_of(spots_layer)
-    return library_scalefactors(ctx.adata) if ctx is not None else []
+    if ctx is None:
+        return []
+    # a SpatialData's Visium HD bins carry their size in the layer's context, a scanpy table in its libraries
+    return [*library_scalefactors(ctx.adata), *([ctx.extra] if BIN_SIZE_KEY in ctx.extra else [])]
 
 
 def spot_shape_of(spots_layer) -> str:
@@ -85,8 +89,6 @@ def spot_size_um(spots_layer) -> float | None:
     whose size the table does not say."""
     if spot_shape_of(spots_layer) == "circle":
         return SPOT_DIAMETER_UM
-    from ..io._visium_hd import BIN_SIZE_KEY
-
     sizes = [float(f[BIN_SIZE_KEY]) for f in _scalefactors(spots_layer) if f.get(BIN_SIZE_KEY)]
     return sizes[0] if sizes else None
 

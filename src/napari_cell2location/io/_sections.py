@@ -152,21 +152,44 @@ def scanpy_sections(adata) -> tuple[list[Section], np.ndarray, float | None]:
     return sections, yx, diameter
 
 
-def spatialdata_sections(sdata, table_key: str | None = None) -> tuple[list[Section], np.ndarray, float | None, str]:
+def _shape_centres(shapes) -> tuple[np.ndarray, float | None, str]:
+    """Centres (n, 2) as (y, x) of a shapes element in its own coordinates, the size of its shapes (a circle's
+    diameter, a square's side; None when circles have no radius) and ``'circle'`` or ``'square'``."""
+    geometry = shapes.geometry
+    if (geometry.geom_type == "Point").all():
+        size = 2.0 * float(np.median(shapes["radius"])) if "radius" in shapes.columns else None
+        return np.column_stack([geometry.y.to_numpy(), geometry.x.to_numpy()]), size, "circle"
+    centroid = geometry.centroid
+    yx = np.column_stack([centroid.y.to_numpy(), centroid.x.to_numpy()])
+    area = float(np.median(geometry.area))
+    bounds = geometry.bounds
+    width, height = (bounds["maxx"] - bounds["minx"]).to_numpy(), (bounds["maxy"] - bounds["miny"]).to_numpy()
+    box, aspect = float(np.median(width * height)), float(np.median(width / np.maximum(height, 1e-12)))
+    if area > 0 and abs(area / box - 1.0) < 0.02 and abs(aspect - 1.0) < 0.02:  # axis-aligned squares: HD bins
+        return yx, float(np.sqrt(area)), "square"
+    return yx, 2.0 * float(np.sqrt(area / np.pi)) if area > 0 else None, "circle"
+
+
+def spatialdata_sections(
+    sdata, table_key: str | None = None
+) -> tuple[list[Section], np.ndarray, float | None, str, str]:
     """Sections of a SpatialData: the shapes the table annotates and the images in their coordinate system.
 
     Parameters
     ----------
     sdata : spatialdata.SpatialData
-        With a table annotating circle shapes (``radius`` column) through ``region`` / ``instance_key``.
+        With a table annotating shapes through ``region`` / ``instance_key``: circles (points with a
+        ``radius`` column, Visium spots) or polygons (spatialdata-io's square Visium HD bins).
     table_key : str, optional
         Table to use (default as :func:`napari_cell2location.io.pick_table`).
 
     Returns
     -------
-    sections, yx, diameter, table_key
-        As :func:`scanpy_sections`, plus the table used. World = the ``'global'`` coordinate system
-        (or the first one the shapes are in).
+    sections, yx, size, table_key, shape
+        As :func:`scanpy_sections` (``size``: the spots' diameter, or the side of square bins, in world
+        units), plus the table used and the spots' shape: ``'square'`` for axis-aligned square polygons, else
+        ``'circle'`` (other polygons count as discs of their area). World = the ``'global'`` coordinate
+        system (or the first one the shapes are in).
     """
     from spatialdata.models import get_table_keys
     from spatialdata.transformations import get_transformation
@@ -178,7 +201,7 @@ def spatialdata_sections(sdata, table_key: str | None = None) -> tuple[list[Sect
     regions, region_key, instance_key = get_table_keys(table)
     regions = [regions] if isinstance(regions, str) else list(regions)
     yx = np.full((table.n_obs, 2), np.nan)
-    sections, diameter, cs = [], None, None
+    sections, diameter, cs, shape = [], None, None, "circle"
     region_values = table.obs[region_key].astype(str).to_numpy()
     for region in regions:
         if region not in sdata.shapes:
@@ -190,14 +213,15 @@ def spatialdata_sections(sdata, table_key: str | None = None) -> tuple[list[Sect
         affine = np.asarray(
             transforms[cs_here].to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), dtype=float
         )
-        centres = np.stack([shapes.geometry.y.to_numpy(), shapes.geometry.x.to_numpy(), np.ones(len(shapes))], 1)
-        world = centres @ affine.T
+        yx_here, size, shape_here = _shape_centres(shapes)
+        world = np.column_stack([yx_here, np.ones(len(shapes))]) @ affine.T
         rows = np.flatnonzero(region_values == region)
         pos = shapes.index.get_indexer(table.obs[instance_key].to_numpy()[rows])
         ok = pos >= 0
         yx[rows[ok]] = world[pos[ok], :2]
-        if diameter is None and "radius" in shapes.columns:
-            diameter = 2.0 * float(np.median(shapes["radius"])) * float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
+        if diameter is None and size is not None:
+            diameter = size * float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
+            shape = shape_here
         sections.append(Section(region, rows[ok]))
     if not sections:
         raise InputError(f"table {key!r} annotates {regions}, but none of them is a shapes element of the SpatialData.")
@@ -213,7 +237,7 @@ def spatialdata_sections(sdata, table_key: str | None = None) -> tuple[list[Sect
             continue
         target = max(free, key=lambda s: len(os.path.commonprefix([s.name, name])))
         target.image, target.image_affine = image, affine
-    return sections, yx, diameter, key
+    return sections, yx, diameter, key, shape
 
 
 def _image_array(element, cs: str) -> tuple[Any, np.ndarray]:

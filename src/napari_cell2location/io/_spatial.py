@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -16,7 +17,7 @@ from ._files import check_hdf5, read_h5ad, reading
 from ._read import _existing_path, _format_suffix
 from ._spaceranger import read_spaceranger, spaceranger_lacks, spaceranger_root
 from ._validate import InputError
-from ._visium_hd import is_visium_hd, read_visium_hd
+from ._visium_hd import DEFAULT_BIN_SIZE, is_visium_hd, read_visium_hd
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -86,7 +87,24 @@ def spatial_format(path: str | os.PathLike, *, require_spots: bool = False) -> S
     return None
 
 
-def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None, source=None) -> str:
+#: a table of Visium HD bins as spatialdata-io names it (``square_008um``: the bins of 8 µm)
+_BIN_TABLE = re.compile(r"square_(\d+)um$")
+
+
+def bin_tables(sdata: spatialdata.SpatialData) -> dict[int, str]:
+    """The tables of Visium HD bins in a SpatialData read by spatialdata-io, by bin size in µm (``{8:
+    'square_008um', ...}``); empty for other data."""
+    found = {}
+    for key in sdata.tables:
+        match = _BIN_TABLE.search(str(key))
+        if match:
+            found[int(match.group(1))] = key
+    return dict(sorted(found.items()))
+
+
+def pick_table(
+    sdata: spatialdata.SpatialData, table_key: str | None = None, source=None, bin_size: int | None = None
+) -> str:
     """Return the name of the table to use from ``sdata``.
 
     Parameters
@@ -94,9 +112,13 @@ def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None, sou
     sdata : spatialdata.SpatialData
         The spatial dataset.
     table_key : str, optional
-        Name of the table. ``None`` picks ``'table'`` if present, else the only table.
+        Name of the table. ``None`` picks ``'table'`` if present, else the only table, else for Visium HD
+        (one table per bin size, :func:`bin_tables`) that of ``bin_size``.
     source : str or os.PathLike, optional
         Where ``sdata`` was read from (named in messages).
+    bin_size : int, optional
+        Visium HD: the bin size in µm whose table to use (default 8, as for a Space Ranger folder, else the
+        smallest there is).
 
     Returns
     -------
@@ -106,10 +128,22 @@ def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None, sou
     Raises
     ------
     InputError
-        If ``table_key`` is not a table, or no table can be chosen unambiguously.
+        If ``table_key`` is not a table, no table can be chosen unambiguously, or there is no table of
+        ``bin_size`` (the message lists the sizes there are).
     """
     keys = list(sdata.tables.keys())
     where = f" ({str(source)!r})" if source is not None else ""
+    bins = bin_tables(sdata)
+    if bin_size is not None and table_key is None:
+        if not bins:
+            raise InputError(
+                f"a bin size ({bin_size}) is for Visium HD bins; this SpatialData{where} has no table of bins "
+                f"(square_NNNum), only {keys}: leave it out."
+            )
+        if int(bin_size) not in bins:
+            sizes = ", ".join(f"{b} µm" for b in bins)
+            raise InputError(f"This SpatialData{where} has no bins of {bin_size} µm; it has bins of {sizes}.")
+        return bins[int(bin_size)]
     if table_key is not None:
         if table_key not in sdata.tables:
             raise InputError(
@@ -122,12 +156,20 @@ def pick_table(sdata: spatialdata.SpatialData, table_key: str | None = None, sou
         return "table"
     if len(keys) == 1:
         return keys[0]
+    if bins:
+        size = DEFAULT_BIN_SIZE if DEFAULT_BIN_SIZE in bins else next(iter(bins))
+        logger.info("Visium HD bins of %s µm: using those of %d µm (choose with bin_size)", list(bins), size)
+        return bins[size]
     raise InputError(f"This SpatialData{where} has several tables {keys}; pass table_key= to choose one.")
 
 
-def _read_zarr(path: Path, table_key: str | None) -> tuple[anndata.AnnData, spatialdata.SpatialData | None]:
+def _read_zarr(
+    path: Path, table_key: str | None, bin_size: int | None = None
+) -> tuple[anndata.AnnData, spatialdata.SpatialData | None]:
     """An AnnData zarr store as ``(adata, None)``, a SpatialData one as ``(its table, sdata)``."""
     if _zarr_encoding_type(path) == "anndata":
+        if bin_size is not None:
+            raise InputError(f"a bin size ({bin_size}) is for Visium HD bins; {str(path)!r} is an AnnData store.")
         import anndata
 
         with reading(path, "AnnData zarr store"):
@@ -139,7 +181,7 @@ def _read_zarr(path: Path, table_key: str | None) -> tuple[anndata.AnnData, spat
 
     with reading(path, "SpatialData zarr store"):
         sdata = spatialdata.read_zarr(path)
-    key = pick_table(sdata, table_key, source=path)
+    key = pick_table(sdata, table_key, source=path, bin_size=bin_size)
     adata = sdata.tables[key]
     logger.info("Read SpatialData from %s; using table %r %s", path, key, adata.shape)
     return adata, sdata
@@ -159,10 +201,11 @@ def read_spatial(
         its ``binned_outputs/`` or one bin's folder (read by :func:`read_visium_hd`).
     table_key : str, optional
         For SpatialData: the table holding the counts. ``None`` picks ``'table'`` if present,
-        else the only table.
+        else the only table, else the bins of ``bin_size`` (:func:`pick_table`).
     bin_size : int, optional
-        For Visium HD: the bin size in µm (2, 8, 16, ...); default 8, or the bin folder's own. Given for
-        another format, it is an error.
+        For Visium HD: the bin size in µm (2, 8, 16, ...); default 8, or the bin folder's own. A SpatialData
+        of Visium HD bins (spatialdata-io's ``visium_hd``: one table per size, ``square_008um``, ...) takes
+        it too. Given for another format, it is an error.
 
     Returns
     -------
@@ -186,7 +229,7 @@ def read_spatial(
     fmt = spatial_format(path)
     if fmt == "visium_hd":
         return read_visium_hd(path, bin_size), None
-    if bin_size is not None and fmt is not None:
+    if bin_size is not None and fmt not in (None, "zarr"):
         raise InputError(
             f"a bin size ({bin_size}) is for Visium HD output (outs/binned_outputs/square_NNNum/); "
             f"{str(path)!r} is {_KINDS[fmt]}: leave it out."
@@ -196,7 +239,7 @@ def read_spatial(
         logger.info("Read AnnData %s from %s", adata.shape, path)
         return adata, None
     if fmt == "zarr":
-        return _read_zarr(path, table_key)
+        return _read_zarr(path, table_key, bin_size)
     if fmt == "spaceranger":
         return read_spaceranger(path), None
     lacks = spaceranger_lacks(path)
