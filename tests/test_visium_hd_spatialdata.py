@@ -158,3 +158,30 @@ def test_cli_fits_one_bin_size_and_writes_it_into_the_store(hd_store, tmp_path):
     table = sd.read_zarr(out).tables["square_016um"]
     q05 = table.obsm["q05_cell_abundance_w_sf"]
     assert q05.shape == (len(hd.cell_abundance[16]), hd.signatures.shape[1]) and np.isfinite(q05.to_numpy()).all()
+
+
+def test_fit_in_napari_on_the_stores_bins(hd_store, make_napari_viewer, qtbot):
+    """Open the store in napari, fit from the dock: the results are squares over the bins, written into the
+    table the bins came from."""
+    import os
+
+    if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+        pytest.skip("images need OpenGL (use xvfb-run)")
+    from napari_cell2location._qt._dock import Cell2locationDock
+
+    hd, path = hd_store
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-cell2location")
+    dock = Cell2locationDock(viewer)
+    viewer.window.add_dock_widget(dock, name="Cell2location")
+    assert dock.data.spots.value is viewer.layers["hd 8 µm bins"]
+    dock.data.set_signatures(hd.signatures, source="test")
+    dock.fit.epochs.value = 3
+    assert dock.fit.run() is not None
+    qtbot.waitUntil(lambda: dock.fit.worker is None, timeout=120_000)
+    assert dock.fit.status.value.startswith("done"), dock.fit.status.value
+    results = viewer.layers["cell abundance"]
+    assert {str(s.value) for s in np.atleast_1d(results.symbol)} == {"square"}
+    np.testing.assert_allclose(results.size, 8 / hd.microns_per_pixel)
+    table = dock.state.spots_layer.metadata["cell2location"].sdata.tables["square_008um"]
+    assert table.obsm["q05_cell_abundance_w_sf"].shape == (len(hd.cell_abundance[8]), hd.signatures.shape[1])
