@@ -172,6 +172,7 @@ CORE_MODULES = [
     "napari_cell2location._infer",
     "napari_cell2location._contract",
     "napari_cell2location._jobs",
+    "napari_cell2location._bin_sizes",
     "napari_cell2location._variants",
     "napari_cell2location._cli",
     "napari_cell2location.io._fullres",

@@ -154,6 +154,22 @@ def test_napari_opens_hd_bins_as_squares(make_napari_viewer, hd_run):
     assert len(coarse.data) == len(hd_run.cell_abundance[16])
 
 
+def test_the_data_tab_reads_another_bin_size_of_the_folder(make_napari_viewer, hd_run):
+    from napari_cell2location._qt._dock import Cell2locationDock
+
+    viewer = make_napari_viewer()
+    viewer.open(str(hd_run.outs.parent), plugin="napari-cell2location")
+    data = Cell2locationDock(viewer).data
+    assert list(data.bin_size.choices) == [2, 8, 16] and data.bin_size.value == 8
+    data.bin_size.value = 16
+    coarse = data.spots.value
+    assert coarse.name == "run 16 µm bins" and len(coarse.data) == len(hd_run.cell_abundance[16])
+    np.testing.assert_allclose(coarse.size, 16 / MPP)
+    ref = read_visium_hd(hd_run.outs, bin_size=16)
+    np.testing.assert_allclose(coarse.data, np.asarray(ref.obsm["spatial"], float)[:, ::-1], atol=1e-6)
+    assert not viewer.layers["run 8 µm bins"].visible
+
+
 # --------------------------------------------------------------------------- command line
 def test_cli_fits_an_hd_folder_at_the_bin_size_asked(hd_copy, tmp_path, capsys):
     outs, sig = hd_copy

@@ -185,3 +185,29 @@ def test_fit_in_napari_on_the_stores_bins(hd_store, make_napari_viewer, qtbot):
     np.testing.assert_allclose(results.size, 8 / hd.microns_per_pixel)
     table = dock.state.spots_layer.metadata["cell2location"].sdata.tables["square_008um"]
     assert table.obsm["q05_cell_abundance_w_sf"].shape == (len(hd.cell_abundance[8]), hd.signatures.shape[1])
+
+
+def test_the_data_tab_switches_bin_size(hd_store, make_napari_viewer):
+    """The Data tab offers the store's bin sizes; another size adds its bins (placed as the shown ones) and
+    makes them the spots to fit; going back reuses the layer already there."""
+    from napari_cell2location._qt._dock import Cell2locationDock
+
+    hd, path = hd_store
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-cell2location")
+    dock = Cell2locationDock(viewer)
+    data = dock.data
+    eight = viewer.layers["hd 8 µm bins"]
+    assert not data.bin_size.native.isHidden() and list(data.bin_size.choices) == [8, 16]
+    assert data.bin_size.value == 8
+    data.bin_size.value = 16
+    sixteen = viewer.layers["hd 16 µm bins"]
+    assert data.spots.value is sixteen and dock.state.spots_layer is sixteen
+    assert sixteen.visible and not eight.visible
+    assert len(sixteen.data) == len(hd.cell_abundance[16]) and data.describe()["spots"] == len(sixteen.data)
+    np.testing.assert_allclose(sixteen.size, 16 / hd.microns_per_pixel)
+    folder = read_visium_hd(hd.outs, bin_size=16)
+    np.testing.assert_allclose(sixteen.data, np.asarray(folder.obsm["spatial"], float)[:, ::-1], atol=1e-6)
+    n_layers = len(viewer.layers)
+    data.bin_size.value = 8
+    assert data.spots.value is eight and len(viewer.layers) == n_layers and eight.visible

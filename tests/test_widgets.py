@@ -76,6 +76,7 @@ def test_data_widget_picks_sample_and_bundled_signatures(setup):
     assert f"{N_SPOTS} spots" in dock.data.summary.value and f"genes shared: {N_GENES}" in dock.data.summary.value
     assert dock.fit.run_button.enabled
     assert dock.fit.settings().max_epochs is None  # default: fast mode, stops when converged
+    assert dock.data.bin_size.native.isHidden() and not list(dock.data.bin_size.choices)  # round spots: no bins
 
 
 def test_fit_in_worker_gives_results_layer_and_recolouring(setup, qtbot, tmp_path):

@@ -40,9 +40,11 @@ class DataWidget(Container):
         self.reference = FileEdit(label="reference", mode="r", filter="Signatures (*.csv *.tsv *.txt *.gz *.h5ad)")
         self.load_button = PushButton(text="Load reference")
         self.batch = ComboBox(label="batch column", choices=self._batch_choices)
+        self.bin_size = ComboBox(label="bin size (µm)", choices=self._bin_size_choices, visible=False)
         self.summary = Label(label="", value="Open a section (File > Open Sample > Cell2location)")
-        self.extend([self.spots, self.reference, self.load_button, self.batch, self.summary])
+        self.extend([self.spots, self.bin_size, self.reference, self.load_button, self.batch, self.summary])
         self.spots.changed.connect(self._on_spots)
+        self.bin_size.changed.connect(self.show_bin_size)
         self.batch.changed.connect(self._on_batch)
         self.load_button.changed.connect(self.load_reference)
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
@@ -78,6 +80,7 @@ class DataWidget(Container):
 
     # ------------------------------------------------------------------ handlers
     def _on_spots(self, layer):
+        self._offer_bin_sizes(layer)
         if layer is not None and layer is self.state.spots_layer:
             self._update_summary()
             return
@@ -89,6 +92,52 @@ class DataWidget(Container):
         bundled = None if ctx is None else ctx.signatures
         source = "" if ctx is None else f"{ctx.source} (bundled)"
         self.state.set_spots(layer, self._batch_key(self.batch.value), bundled, source)
+
+    # ------------------------------------------------------------------ Visium HD bin sizes
+    def _bin_size_choices(self, _widget=None):
+        from .._bin_sizes import bin_sizes_of
+
+        return bin_sizes_of(context_of(self.spots.value))[0]
+
+    def _offer_bin_sizes(self, layer) -> None:
+        """Show the bin sizes of a Visium HD dataset (the one shown selected); hide the choice otherwise."""
+        from .._bin_sizes import bin_sizes_of
+
+        sizes, current = bin_sizes_of(context_of(layer))
+        with self.bin_size.changed.blocked():
+            self.bin_size.reset_choices()
+            if current is not None:
+                self.bin_size.value = current
+        self.bin_size.visible = len(sizes) > 1
+
+    def show_bin_size(self, size=None):
+        """Fit the shown Visium HD dataset at another bin size: its bins of ``size`` µm as a spots layer (read
+        and added when not shown yet), which becomes the chosen spots."""
+        from .._bin_sizes import bin_layer_data, bin_sizes_of
+
+        layer = self.spots.value
+        ctx = context_of(layer)
+        sizes, current = bin_sizes_of(ctx)
+        size = self.bin_size.value if size is None else size
+        if size is None or size == current or size not in sizes:
+            return None
+        suffix = f"{current:g} µm bins"
+        base = layer.name[: -len(suffix)].rstrip() if layer.name.endswith(suffix) else layer.name
+        name = f"{base} {size:g} µm bins"
+        if name in self.viewer.layers:
+            new = self.viewer.layers[name]
+        else:
+            try:
+                data, kwargs, _ = bin_layer_data(layer.data, ctx, size, name)
+            except (ValueError, OSError, KeyError) as err:
+                tell("error", f"Could not read the {size:g} µm bins.", str(err))
+                self._offer_bin_sizes(layer)
+                return None
+            new = self.viewer.add_points(data, **kwargs)
+            layer.visible = False  # one size at a time on the tissue
+        new.visible = True
+        self.spots.value = new
+        return new
 
     @staticmethod
     def _batch_key(value) -> str | None:
