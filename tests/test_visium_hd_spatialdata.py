@@ -205,6 +205,7 @@ def test_the_data_tab_switches_bin_size(hd_store, make_napari_viewer):
     assert data.spots.value is sixteen and dock.state.spots_layer is sixteen
     assert sixteen.visible and not eight.visible
     assert len(sixteen.data) == len(hd.cell_abundance[16]) and data.describe()["spots"] == len(sixteen.data)
+    assert data.summary.value.startswith(f"{len(sixteen.data)} bins x")
     np.testing.assert_allclose(sixteen.size, 16 / hd.microns_per_pixel)
     folder = read_visium_hd(hd.outs, bin_size=16)
     np.testing.assert_allclose(sixteen.data, np.asarray(folder.obsm["spatial"], float)[:, ::-1], atol=1e-6)

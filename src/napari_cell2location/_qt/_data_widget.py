@@ -210,6 +210,13 @@ class DataWidget(Container):
                 out["shared_genes"] = int(np.isin(ctx.adata.var_names.astype(str), sig.index.astype(str)).sum())
         return out
 
+    def _unit(self) -> str:
+        """'bin' for Visium HD bins, else 'spot'."""
+        from ._cells_count import spot_shape_of, spot_word
+
+        layer = self.state.spots_layer
+        return spot_word(spot_shape_of(layer)) if layer is not None else "spot"
+
     def _update_summary(self, *_):
         d = self.describe()
         ref = self.state.signatures_source or "none loaded"
@@ -224,7 +231,7 @@ class DataWidget(Container):
             elif shared < WARN_SHARED_GENES:
                 note = f" (few: estimates from under {WARN_SHARED_GENES} genes are unreliable)"
         self.summary.value = (
-            f"{d['spots']} spots x {d['genes']} genes, {d['batches']} batch(es)\n"
+            f"{d['spots']} {self._unit()}s x {d['genes']} genes, {d['batches']} batch(es)\n"
             f"reference: {ref}, {d['cell_types']} cell types\n"
             f"genes shared: {shared}{note}"
         )
