@@ -212,3 +212,30 @@ def test_the_data_tab_switches_bin_size(hd_store, make_napari_viewer):
     n_layers = len(viewer.layers)
     data.bin_size.value = 8
     assert data.spots.value is eight and len(viewer.layers) == n_layers and eight.visible
+
+
+def test_too_many_bins_to_show_are_refused_with_the_command_line(hd_store, make_napari_viewer, monkeypatch):
+    """A size with more bins than napari draws well is not read in the viewer: a notification says how many
+    and gives the command line; the shown bins stay chosen."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_cell2location import _bin_sizes
+    from napari_cell2location._qt._dock import Cell2locationDock
+
+    hd, path = hd_store
+    assert _bin_sizes.expected_bins(len(hd.cell_abundance[16]), 16, 8) == 4 * len(hd.cell_abundance[16])
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-cell2location")
+    data = Cell2locationDock(viewer).data
+    data.bin_size.value = 16
+    sixteen = data.spots.value
+    monkeypatch.setattr(_bin_sizes, "MAX_SHOWN_BINS", 100)  # the 8 µm bins are hidden now: reuse, not read
+    data.bin_size.value = 8
+    assert data.spots.value is viewer.layers["hd 8 µm bins"]
+    viewer.layers.remove("hd 8 µm bins")
+    data.spots.value = sixteen
+    n_layers, n_notes = len(viewer.layers), len(notification_manager.records)
+    data.bin_size.value = 8  # ~564 bins > 100: refused
+    assert len(viewer.layers) == n_layers and data.spots.value is sixteen and data.bin_size.value == 16
+    said = " ".join(str(r.message) for r in notification_manager.records[n_notes:])
+    assert "Too many 8 µm bins" in said and "--bin-size 8" in said

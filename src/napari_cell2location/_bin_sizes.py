@@ -37,6 +37,16 @@ def bin_sizes_of(ctx: SpotContext | None) -> tuple[list[int], int | None]:
         return [], None
 
 
+#: bins a spots layer may hold when the Data tab reads another bin size; above it napari draws too slowly (a real
+#: run's 2 µm bins are about 11 million) and the fit belongs on the command line
+MAX_SHOWN_BINS = 1_500_000
+
+
+def expected_bins(n_shown: int, shown_size: int, size: int) -> int:
+    """About how many bins of ``size`` µm cover what ``n_shown`` bins of ``shown_size`` µm cover."""
+    return int(round(n_shown * (float(shown_size) / float(size)) ** 2))
+
+
 def bin_layer_data(shown_yx: np.ndarray, ctx: SpotContext, size: int, name: str) -> tuple:
     """Points layer data of the dataset's bins of ``size`` µm, placed as the shown bins are.
 

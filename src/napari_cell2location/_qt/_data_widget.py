@@ -113,7 +113,7 @@ class DataWidget(Container):
     def show_bin_size(self, size=None):
         """Fit the shown Visium HD dataset at another bin size: its bins of ``size`` µm as a spots layer (read
         and added when not shown yet), which becomes the chosen spots."""
-        from .._bin_sizes import bin_layer_data, bin_sizes_of
+        from .._bin_sizes import MAX_SHOWN_BINS, bin_layer_data, bin_sizes_of, expected_bins
 
         layer = self.spots.value
         ctx = context_of(layer)
@@ -127,6 +127,16 @@ class DataWidget(Container):
         if name in self.viewer.layers:
             new = self.viewer.layers[name]
         else:
+            n_bins = expected_bins(len(layer.data), current, size)
+            if n_bins > MAX_SHOWN_BINS:
+                tell(
+                    "warning",
+                    f"Too many {size:g} µm bins to show.",
+                    f"About {n_bins:,} bins; napari draws at most {MAX_SHOWN_BINS:,} well. Fit them from the command "
+                    f"line: napari-cell2location fit {ctx.source} --bin-size {size:g} --signatures ... --out ...",
+                )
+                self._offer_bin_sizes(layer)
+                return None
             try:
                 data, kwargs, _ = bin_layer_data(layer.data, ctx, size, name)
             except (ValueError, OSError, KeyError) as err:
