@@ -9,7 +9,6 @@ arrays of ``uns['mod']``, the QC) are concatenated, the global ones are the same
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import replace
 
@@ -17,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from .._contract import QC_KEY, abundance_key
-from .._infer import DataParallel, Stage
+from .._infer import DataParallel, Stage, to_numpy
 from ..io import InputError
 from ._cell2location import Cell2location
+from ._priors import counts_per_cell, detection_from
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,7 @@ def shard_summary(mod: Cell2location) -> tuple:
     with counts, its batches, the sum over its spots of total counts / N_cells_per_location, its spots."""
     if np.ndim(mod.model_kwargs["detection_mean"]):
         raise InputError("a data-parallel fit takes one detection_mean for all sections (not per sample)")
-    totals = np.asarray(mod.X.sum(axis=1), dtype=np.float64).ravel()
-    n_cells = mod.model_kwargs.get("N_cells_per_location")
-    if n_cells is None:  # the module's default
-        n_cells = inspect.signature(mod.model_class.__init__).parameters["N_cells_per_location"].default
-    n_cells = np.asarray(n_cells, dtype=np.float64).ravel()
-    per_cell = totals / (n_cells if len(n_cells) == len(totals) else n_cells[0])
+    per_cell = counts_per_cell(mod.X, to_numpy(mod.module.N_cells_per_location).ravel())  # the N in force
     return list(mod.var_names), list(mod.batch_names), float(per_cell.sum()), mod.n_obs
 
 
@@ -58,8 +53,8 @@ def section_inputs(parts: list[tuple], data_genes, signatures: pd.DataFrame) -> 
     genes = sorted(set().union(*(p[0] for p in parts)), key=order.__getitem__)
     batches = sorted(set().union(*(p[1] for p in parts)))
     per_cell = sum(p[2] for p in parts) / sum(p[3] for p in parts)
-    sig_total = float(signatures.reindex(genes).sum(axis=0).mean())
-    return {"genes": genes, "batch_names": batches, "detection_mean": per_cell / sig_total}
+    detection = detection_from(per_cell, signatures.reindex(genes))
+    return {"genes": genes, "batch_names": batches, "detection_mean": detection}
 
 
 def shard_model(local, signatures: pd.DataFrame, settings, parallel: DataParallel) -> Cell2location:

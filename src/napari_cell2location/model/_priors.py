@@ -26,6 +26,22 @@ def check_n_cells(value, n_obs: int | None = None):
     return float(arr) if arr.ndim == 0 else arr
 
 
+def counts_per_cell(X, n_cells) -> np.ndarray:
+    """Each spot's total counts over its N_cells_per_location (one value, or one per spot)."""
+    n_cells = np.asarray(n_cells, dtype=np.float64)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    return totals / n_cells if n_cells.ndim == 1 else totals / float(n_cells)
+
+
+def detection_from(mean_per_cell, cell_state_df: pd.DataFrame, correction: float = 1.0):
+    """detection_mean from the mean counts per cell (a value, or one per batch): over the mean over cell types
+    of the signatures' sums, x ``correction``; a degenerate value raises :class:`InputError`."""
+    value = mean_per_cell / float(cell_state_df.sum(axis=0).mean()) * correction
+    if not np.all(np.isfinite(value)) or np.any(np.asarray(value) <= 0):
+        raise InputError(f"the data give a degenerate detection_mean ({value}); check the counts and signatures")
+    return value
+
+
 def detection_mean(
     X, n_cells, cell_state_df: pd.DataFrame, batch_index, n_batch: int, per_sample: bool, correction: float
 ):
@@ -34,15 +50,9 @@ def detection_mean(
     (mean over spots of total counts / N_cells_per_location) / (mean over cell types of the signatures'
     sums) x ``correction``, per batch with ``per_sample`` (``spec/MODEL.md`` §1).
     """
-    n_cells = np.asarray(n_cells, dtype=np.float64)
-    totals = np.asarray(X.sum(axis=1)).ravel()
-    per_cell = totals / n_cells if n_cells.ndim == 1 else totals / float(n_cells)
-    sig_total = float(cell_state_df.sum(axis=0).mean())
+    per_cell = counts_per_cell(X, n_cells)
     if per_sample:
-        means = np.array([per_cell[batch_index == e].mean() for e in range(n_batch)])
-        value = means / sig_total * correction
-    else:
-        value = float(per_cell.mean() / sig_total * correction)
-    if not np.all(np.isfinite(value)) or np.any(np.asarray(value) <= 0):
-        raise InputError(f"the data give a degenerate detection_mean ({value}); check the counts and signatures")
-    return value
+        return detection_from(
+            np.array([per_cell[batch_index == e].mean() for e in range(n_batch)]), cell_state_df, correction
+        )
+    return detection_from(float(per_cell.mean()), cell_state_df, correction)
