@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ._layers import SpotContext, spatial_layer_data
-from .io import InputError, bin_tables, library_scalefactors, read_spatial, visium_hd_bin_sizes
+from .io import InputError, bin_tables, library_scalefactors, read_spatial, table_bin_size, visium_hd_bin_sizes
 from .io._visium_hd import BIN_SIZE_KEY
 
 
@@ -25,9 +25,8 @@ def bin_sizes_of(ctx: SpotContext | None) -> tuple[list[int], int | None]:
     if ctx is None:
         return [], None
     if ctx.sdata is not None:
-        tables = bin_tables(ctx.sdata)
-        current = next((size for size, key in tables.items() if ctx.sdata.tables[key] is ctx.adata), None)
-        return (list(tables), current) if current is not None else ([], None)
+        current = table_bin_size(ctx.sdata, ctx.adata)
+        return (list(bin_tables(ctx.sdata)), current) if current is not None else ([], None)
     sizes = [f[BIN_SIZE_KEY] for f in library_scalefactors(ctx.adata) if f.get(BIN_SIZE_KEY)]
     if not sizes or not ctx.source or not Path(ctx.source).exists():
         return [], None

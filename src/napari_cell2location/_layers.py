@@ -38,7 +38,7 @@ from .io._sections import (
     side_by_side_shifts,
     spatialdata_sections,
 )
-from .io._spatial import bin_tables
+from .io._spatial import table_bin_size
 from .io._visium_hd import BIN_SIZE_KEY, bin_side
 
 logger = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ def spatial_layer_data(
     kwargs.update(_bin_kwargs(adata if sdata is None else None))
     if shape == "square":  # a SpatialData's square bins (spatialdata-io's Visium HD)
         kwargs["symbol"] = ctx.extra[SHAPE_KEY] = "square"
-        size_um = {key: size for size, key in bin_tables(sdata).items()}.get(table_key)
+        size_um = table_bin_size(sdata, table_key)
         if size_um is not None:
             ctx.extra[BIN_SIZE_KEY] = float(size_um)
     kwargs.update(_table_kwargs(spot_features(adata)))

@@ -39,7 +39,6 @@ from ._layers import place_side_by_side, spatial_layer_data
 from .io import (
     InputError,
     Pyramid,
-    bin_tables,
     fullres_image_for,
     is_tiff_name,
     open_fullres_image,
@@ -47,6 +46,7 @@ from .io import (
     read_spatial,
     shorten_paths,
     spatial_format,
+    table_bin_size,
 )
 from .io._visium_hd import BIN_SIZE_KEY
 
@@ -164,7 +164,7 @@ def layer_data_from_path(path: str | os.PathLike, image: str | os.PathLike | Non
         lib, entry = next(iter(adata.uns["spatial"].items()))
         name = f"{lib} {entry['scalefactors'][BIN_SIZE_KEY]:g} µm bins"
     elif sdata is not None:  # spatialdata-io's Visium HD: the table read is that of one bin size
-        size = next((s for s, key in bin_tables(sdata).items() if sdata.tables[key] is adata), None)
+        size = table_bin_size(sdata, adata)
         name = name if size is None else f"{name} {size:g} µm bins"
     layers = spatial_layer_data(adata, sdata, name=name or "spots", source=str(path))
     if fmt in _WITH_FULLRES:

@@ -16,7 +16,7 @@ from ._fullres import TIFF_SUFFIXES, Pyramid, is_tiff_name, open_fullres_image
 from ._fullres_find import find_fullres_image, frame_mismatch, fullres_image_for, place_on_sections
 from ._read import read_signatures, write_results
 from ._spaceranger import read_spaceranger, spaceranger_root
-from ._spatial import bin_tables, pick_table, read_spatial, spatial_format
+from ._spatial import bin_tables, pick_table, read_spatial, spatial_format, table_bin_size
 from ._validate import (
     MIN_SHARED_GENES,
     InputError,
@@ -62,6 +62,7 @@ __all__ = [
     "shorten_paths",
     "spaceranger_root",
     "spatial_format",
+    "table_bin_size",
     "validate_counts",
     "validate_signatures",
     "visium_hd_bin_sizes",

@@ -102,6 +102,15 @@ def bin_tables(sdata: spatialdata.SpatialData) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
+def table_bin_size(sdata: spatialdata.SpatialData, table) -> int | None:
+    """The bin size (µm) of a table of ``sdata`` (its key, or the AnnData itself) when it holds Visium HD bins
+    (:func:`bin_tables`), else None."""
+    for size, key in bin_tables(sdata).items():
+        if (key == table) if isinstance(table, str) else (sdata.tables[key] is table):
+            return size
+    return None
+
+
 def pick_table(
     sdata: spatialdata.SpatialData, table_key: str | None = None, source=None, bin_size: int | None = None
 ) -> str:
